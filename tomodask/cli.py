@@ -88,6 +88,9 @@ def settings_check(path: Annotated[Path, typer.Argument(help="Settings file (YAM
 
 
 def _mount_optional_apps() -> None:
+    from tomodask.cli_session import session_app
+
+    app.add_typer(session_app, name="session")
     try:
         from tomodask.cli_cluster import cluster_app
     except ImportError:
@@ -96,3 +99,7 @@ def _mount_optional_apps() -> None:
 
 
 _mount_optional_apps()
+
+
+if __name__ == "__main__":
+    app()
