@@ -59,6 +59,32 @@ def simulate(
         typer.echo(f"wrote {t.stem} (truth: {t})")
 
 
+@app.command()
+def demo(
+    data_root: Annotated[Path, typer.Option("--data-root", envvar="TOMODASK_DATA_ROOT",
+                                            help="Where the demo session and its microscope folder go.")] = Path(
+        "tomodask-data"),
+    tilt_series: Annotated[int, typer.Option(help="Tilt-series to stream.")] = 2,
+    size: Annotated[str, typer.Option(help="Acquisition size: tiny, small, 4k or k3.")] = "tiny",
+    seconds_per_tilt: Annotated[float, typer.Option(help="Microscope cadence.")] = 0.5,
+    transfer: Annotated[str, typer.Option(help="Raw data transfer: move, copy or link.")] = "move",
+) -> None:
+    """Stream a simulated microscope session while tomodask processes it, then report."""
+    from tomodask.demo import run_demo
+
+    report = run_demo(data_root, n_tilt_series=tilt_series, size=size, seconds_per_tilt=seconds_per_tilt,
+                      transfer_method=transfer)
+    typer.echo(f"session {report['session']} in {report['folder']}: {report['movies_done']}/{report['movies']} "
+               f"movies and {report['tilt_series_done']}/{len(report['tilt_series'])} tilt-series processed")
+    for name, r in report["tilt_series"].items():
+        typer.echo(f"  {name}: {r['state']}, tilt axis {r['tilt_axis_angle_deg']} (true "
+                   f"{r['true_tilt_axis_angle_deg']}), residual {r['mean_residual_px']} px, "
+                   f"{r['n_picks']} picks ({r['true_particles']} particles), median defocus error "
+                   f"{r['defocus_error_angstrom_median']} A, {r['seconds']} s")
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
 @settings_app.command("show")
 def settings_show(
     path: Annotated[Path | None, typer.Argument(help="Settings file (YAML/JSON); default settings if omitted.")] = None,

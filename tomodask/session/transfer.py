@@ -205,7 +205,8 @@ class TransferTrack:
         now = time.monotonic()
         done = 0
         paths = self._candidates()
-        for path in sorted(paths, key=lambda p: self.classify(p) != "mdoc"):  # mdoc first: it lists movies
+        order = {"gain": 0, "mdoc": 1, "movie": 2}  # gain and mdoc first: movies need them
+        for path in sorted(paths, key=lambda p: (order[self.classify(p)], p.name)):
             kind = self.classify(path)
             try:
                 st = path.stat()
