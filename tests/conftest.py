@@ -26,3 +26,15 @@ def tiny_session_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("microscope")
     write_session(out, n_tilt_series=1, size="tiny", seed=3, dark_tilts=(17,))
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _free_dashboard_port():
+    """Clusters started by tests pick a free dashboard port (several may run at once)."""
+    import os
+
+    import dask.config
+
+    os.environ.setdefault("DASK_TOMODASK__CLUSTER__PROFILES__LOCAL__DASHBOARD_ADDRESS", ":0")
+    with dask.config.set({"tomodask.cluster.profiles.local.dashboard-address": ":0"}):
+        yield

@@ -43,7 +43,7 @@ def settings_for_simulation(location: Path, *, size: str = "tiny", name: str = "
     s.microscope.voltage_kv = int(spec.voltage_kv)
     s.microscope.spherical_aberration_mm = spec.spherical_aberration_mm
     s.microscope.amplitude_contrast = spec.amplitude_contrast
-    s.microscope.tilt_axis_angle_deg = spec.tilt_axis_angle_deg
+    s.microscope.tilt_axis_angle_deg = spec.recorded_tilt_axis_angle_deg
     s.microscope.dose_per_tilt_e_per_angstrom2 = spec.dose_per_tilt_e_per_angstrom2
     s.collection.tilts_per_tilt_series = len(spec.nominal_tilt_angles_deg)
     s.collection.transfer_method = transfer_method

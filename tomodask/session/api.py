@@ -217,16 +217,21 @@ class Session:
 
     # ---- results ------------------------------------------------------------------------------
     def progress(self) -> dict[str, int]:
-        """Counts of movies and tilt-series by state."""
+        """Counts of movies and tilt-series, and how many are done or failed with the current settings.
+
+        An item finished under settings that have changed since counts as neither done nor
+        failed: the next run of the pre-processing track redoes it.
+        """
+        settings = self.settings
         out = {}
         with self.store.db() as db:
-            for label, model in (("movies", MovieRow), ("tilt_series", TiltSeriesRow)):
-                rows = db.execute(select(model.state, func.count()).where(model.session_id == self.id)
-                                  .group_by(model.state)).all()
-                counts = dict(rows)
-                out[label] = sum(counts.values())
-                out[f"{label}_done"] = counts.get(ItemState.done.value, 0)
-                out[f"{label}_failed"] = counts.get(ItemState.failed.value, 0)
+            for label, model, step in (("movies", MovieRow, "movie"), ("tilt_series", TiltSeriesRow, "tilt_series")):
+                current = settings.step_hash(step)
+                rows = db.execute(select(model.state, model.settings_hash == current, func.count())
+                                  .where(model.session_id == self.id).group_by(model.state, model.settings_hash)).all()
+                out[label] = sum(n for _, _, n in rows)
+                out[f"{label}_done"] = sum(n for st, cur, n in rows if cur and st == ItemState.done.value)
+                out[f"{label}_failed"] = sum(n for st, cur, n in rows if cur and st == ItemState.failed.value)
         return out
 
     def _frame(self, model, columns: list[str]) -> pd.DataFrame:

@@ -34,6 +34,7 @@ class AcquisitionSpec:
     amplitude_contrast: float = 0.07
     bfactor_angstrom2: float = 60.0
     tilt_axis_angle_deg: float = 85.0
+    recorded_tilt_axis_error_deg: float = 0.0
     tilt_range_deg: tuple[float, float] = (-60.0, 60.0)
     tilt_step_deg: float = 3.0
     dose_symmetric_group: int = 2
@@ -64,6 +65,11 @@ class AcquisitionSpec:
         lo, hi = self.tilt_range_deg
         n = int(round((hi - lo) / self.tilt_step_deg)) + 1
         return np.round(np.linspace(lo, hi, n), 3)
+
+    @property
+    def recorded_tilt_axis_angle_deg(self) -> float:
+        """The approximate tilt-axis angle the microscope software records (true + error)."""
+        return self.tilt_axis_angle_deg + self.recorded_tilt_axis_error_deg
 
     @property
     def optics(self) -> Optics:

@@ -164,7 +164,7 @@ def write_tilt_series(
         "DataMode": 1,
     }
     titles = ["SerialEM: tomodask simulated microscope",
-              f"Tilt axis angle = {spec.tilt_axis_angle_deg:g}, binning = 1  spot = 8  camera = 0"]
+              f"Tilt axis angle = {spec.recorded_tilt_axis_angle_deg:g}, binning = 1  spot = 8  camera = 0"]
     sections: list[dict] = []
     truths = []
     start = time.time()

@@ -1,0 +1,66 @@
+"""A simulated microscope streams two tilt-series while a session transfers and processes them."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from sim_helpers import SESSION_SPEC, make_settings, spec_fields, truth_of
+from tomodask.session.api import create_session
+from tomodask.simulate.writer import write_session
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("method", ["move", "copy", "link"])
+def test_stream_transfer_and_process(tmp_path, data_root, method):
+    microscope = tmp_path / "microscope"
+    microscope.mkdir()
+    session = create_session(make_settings(microscope, f"e2e-{method}", method), data_root=data_root)
+    writer = threading.Thread(target=write_session, args=(microscope,), daemon=True, kwargs=dict(
+        n_tilt_series=2, size="tiny", seconds_per_tilt=0.05, dark_tilts=SESSION_SPEC["dark_tilts"], **spec_fields()))
+    writer.start()
+    ok = session.run(expected_tilt_series=2, timeout_s=900)
+    writer.join(timeout=60)
+    logs = "\n".join(session.logs())
+    assert ok, logs
+
+    movies = session.movies()
+    assert len(movies) == 32 and set(movies.state) == {"done"}
+    series = session.tilt_series()
+    assert sorted(series.name) == ["TS_01", "TS_02"] and set(series.state) == {"done"}
+    assert set(series.complete_reason) == {"all tilts arrived"}
+
+    # sources: moved away, copied, or linked
+    sources = sorted(microscope.glob("TS_*.tif"))
+    raw = sorted(session.layout.raw_dir.glob("TS_*.tif"))
+    assert len(raw) == 32
+    assert len(sources) == (0 if method == "move" else 32)
+    assert all(p.is_symlink() for p in raw) == (method == "link")
+
+    # ground truth recovered within the kernels' tolerances
+    for ts in ("TS_01", "TS_02"):
+        truth = truth_of(microscope, ts)
+        m = session.tilt_series_metrics(ts)
+        assert abs(m["tilt_axis_angle_deg"] - truth["spec"]["tilt_axis_angle_deg"]) < 0.5
+        by_movie = {t["movie"].rsplit(".", 1)[0]: t for t in truth["tilts"]}
+        excluded = {mv for mv, e in zip(m["movies"], m["excluded"]) if e}
+        dark = {mv for mv, t in by_movie.items() if t["dark"]}
+        assert dark <= excluded
+        # per-tilt shifts (full-size px) against the truth, after removing a common offset
+        used = [i for i, e in enumerate(m["excluded"]) if not e]
+        est = np.array(m["shifts_px"])[used]
+        true = np.array([by_movie[m["movies"][i]]["shift_yx_px"] for i in used])
+        err = (est - est.mean(0)) - (true - true.mean(0))
+        assert np.sqrt((err**2).sum(1)).max() * truth["spec"]["pixel_size_angstrom"] / m[
+            "alignment_pixel_size_angstrom"] <= 1.0
+        mv = movies[movies.tilt_series == ts].set_index("name")
+        defocus_err = [abs(mv.loc[n, "defocus_angstrom"] - 0.5 * (t["defocus_u_angstrom"] + t["defocus_v_angstrom"]))
+                       for n, t in by_movie.items() if not t["dark"] and abs(t["tilt_angle_deg"]) <= 30]
+        assert np.median(defocus_err) <= 500.0
+        assert m["n_picks"] > 0
+        tomo = session.tomogram(ts)
+        assert tomo.ndim == 3 and np.isfinite(tomo[tomo.shape[0] // 2].compute()).all()
+        assert session.movie_array(m["movies"][0], "aligned_sum").shape == (384, 384)
