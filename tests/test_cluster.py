@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from pathlib import Path
 
 import dask
 import dask.config
@@ -25,14 +26,6 @@ from tomodask.cluster import (
 from tomodask.settings import ResourceSettings
 
 SHIPPED_PROFILES = ["local", "local-gpu", "slurm-cpu", "slurm-gpu", "address"]
-
-
-@pytest.fixture
-def quiet_dashboards():
-    """Free dashboard ports, so parallel test runs never collide on :8787 (a warning)."""
-    with dask.config.set({f"tomodask.cluster.profiles.{p}.dashboard-address": ":0"
-                          for p in ("local", "local-gpu", "slurm-cpu", "slurm-gpu")}):
-        yield
 
 
 _RELEASE = threading.Event()  # processes=False: tasks and the test share this module
@@ -56,7 +49,7 @@ def test_shipped_profiles_and_kinds():
     assert profile_config("slurm_cpu") == profile_config("slurm-cpu")  # _ and - are the same
 
 
-def test_local_profile_runs_tasks_within_worker_resources(quiet_dashboards):
+def test_local_profile_runs_tasks_within_worker_resources():
     """Two 1-thread workers; tasks asking a whole worker's resources never overlap on it."""
     res = ResourceSettings(threads_per_task=1, memory_per_task_gb=1.0, gpus_per_task=0, max_workers=2)
     with start_cluster("local", resources=res) as handle:
@@ -190,3 +183,19 @@ def test_cli_profiles_and_job_script():
     assert out.exit_code == 0 and "#SBATCH --gres=gpu:1" in out.output and "#SBATCH --mem=2048M" in out.output
     out = runner.invoke(cluster_app, ["show-job-script", "--profile", "nope"])
     assert out.exit_code == 2 and "known profiles: local" in out.output
+
+
+# tomodask.service (`tomodask serve ...`) joins this list once the `serve` command exists.
+@pytest.mark.parametrize("unit", ["tomodask-session@.service"])
+def test_systemd_unit_runs_an_existing_command(unit):
+    from tomodask.cli import app
+
+    text = (Path(__file__).parents[1] / "deploy" / unit).read_text()
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    words = exec_start.removeprefix("ExecStart=").split()
+    assert words[0].endswith("/tomodask")
+    commands = [w for w in words[1:] if not w.startswith(("-", "$", "%"))][:2]
+    options = [w for w in words if w.startswith("--")]
+    out = CliRunner().invoke(app, [*commands, "--help"])
+    assert out.exit_code == 0, out.output
+    assert all(opt in out.output for opt in options), (options, out.output)

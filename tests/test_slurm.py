@@ -33,11 +33,10 @@ def _squeue_ids() -> set[str]:
 
 @pytest.fixture
 def slurm_test_config(tmp_path):
-    """Free dashboard ports, job logs under tmp_path, and quick adaptive decisions."""
+    """Job logs under tmp_path and quick adaptive decisions."""
     settings = {}
     for p in ("slurm-cpu", "slurm-gpu"):
-        settings |= {f"tomodask.cluster.profiles.{p}.dashboard-address": ":0",
-                     f"tomodask.cluster.profiles.{p}.log-directory": str(tmp_path / "logs"),
+        settings |= {f"tomodask.cluster.profiles.{p}.log-directory": str(tmp_path / "logs"),
                      f"tomodask.cluster.profiles.{p}.adaptive-interval": "0.5s",
                      f"tomodask.cluster.profiles.{p}.adaptive-wait-count": 2,
                      f"tomodask.cluster.profiles.{p}.adaptive-target-duration": "1s"}
