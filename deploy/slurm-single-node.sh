@@ -60,7 +60,7 @@ if [[ $need_install -eq 1 ]]; then
     command -v apt-get >/dev/null || die "apt-get not found: install slurmctld, slurmd, slurm-client and munge with your package manager"
     log "installing slurmctld slurmd slurm-client munge"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
+    apt-get update -qq >&2
     apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
 fi
 export PATH=$PATH:/usr/sbin
@@ -150,7 +150,7 @@ export SLURM_CONF=$CONF
 running() { [[ -f $STATE_DIR/$1.pid ]] && kill -0 "$(cat "$STATE_DIR/$1.pid")" 2>/dev/null; }
 
 if running slurmctld; then
-    if [[ $conf_changed -eq 1 ]]; then log "slurm.conf changed: scontrol reconfigure"; scontrol reconfigure || true; fi
+    if [[ $conf_changed -eq 1 ]]; then log "slurm.conf changed: scontrol reconfigure"; scontrol reconfigure >&2 || true; fi
     log "slurmctld already running (pid $(cat "$STATE_DIR/slurmctld.pid"))"
 else
     log "starting slurmctld"
