@@ -186,7 +186,7 @@ def test_cli_profiles_and_job_script():
 
 
 # tomodask.service (`tomodask serve ...`) joins this list once the `serve` command exists.
-@pytest.mark.parametrize("unit", ["tomodask-session@.service"])
+@pytest.mark.parametrize("unit", ["tomodask-session@.service", "tomodask.service"])
 def test_systemd_unit_runs_an_existing_command(unit):
     from tomodask.cli import app
 

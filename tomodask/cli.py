@@ -85,6 +85,27 @@ def demo(
         raise typer.Exit(1)
 
 
+@app.command()
+def serve(
+    data_root: Annotated[Path | None, typer.Option("--data-root", envvar="TOMODASK_DATA_ROOT",
+                                                   help="Data root whose sessions to run.")] = None,
+    profile: Annotated[str, typer.Option(help="Cluster profile for pre-processing.")] = "local",
+) -> None:
+    """Run the coordinator service: carry out session controls and resume started sessions."""
+    import signal
+    import threading
+
+    from tomodask.session.service import Coordinator
+    from tomodask.session.store import Store
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        Coordinator(Store(data_root), profile=profile).run(stop)
+    except KeyboardInterrupt:
+        stop.set()
+
+
 @settings_app.command("show")
 def settings_show(
     path: Annotated[Path | None, typer.Argument(help="Settings file (YAML/JSON); default settings if omitted.")] = None,

@@ -89,10 +89,12 @@ def _control(action: str, name: str, track: str, data_root: Path | None) -> None
 def start(name: str, track: Track = "all", data_root: DataRoot = None,
           profile: Annotated[str, typer.Option(help="Cluster profile.")] = "local") -> None:
     """Start tracks; the session then runs in a background process until stopped."""
+    from tomodask.session.service import coordinator_pid
+
     s = _open(name, data_root)
-    if s._remote():
-        _control("start", name, track, data_root)
-        typer.echo(f"start {track} sent to the process running {name}")
+    if s._remote() or coordinator_pid(s.store.data_root):
+        s.send_control("start", track)
+        typer.echo(f"start {track} sent to the coordinator of {name}")
         return
     env = dict(os.environ, TOMODASK_DATA_ROOT=str(s.store.data_root))
     log = s.layout.root / "coordinator.log"

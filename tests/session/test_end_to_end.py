@@ -6,8 +6,8 @@ import threading
 
 import numpy as np
 import pytest
-
 from sim_helpers import SESSION_SPEC, make_settings, spec_fields, truth_of
+
 from tomodask.session.api import create_session
 from tomodask.simulate.writer import write_session
 

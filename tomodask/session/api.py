@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 
 from tomodask.session.layout import SessionLayout
 from tomodask.session.runner import ACTIONS, SessionRunner, check_track, clear_track
+from tomodask.session.service import coordinator_pid, pid_alive
 from tomodask.session.store import (
     TRACKS,
     ControlRequest,
@@ -118,7 +119,7 @@ class Session:
         hb = row.heartbeat_at.replace(tzinfo=UTC) if row.heartbeat_at and not row.heartbeat_at.tzinfo \
             else row.heartbeat_at
         fresh = hb is not None and (utcnow() - hb).total_seconds() < HEARTBEAT_STALE_S
-        return fresh and _pid_alive(row.pid)
+        return fresh and pid_alive(row.pid)
 
     def _remote(self) -> bool:
         """True when another live process runs this session."""
@@ -126,12 +127,19 @@ class Session:
             rows = db.scalars(select(TrackRow).where(TrackRow.session_id == self.id)).all()
         return any(r.pid and r.pid != os.getpid() and self._alive(r) for r in rows)
 
+    def send_control(self, action: str, track: str) -> None:
+        """Ask the process that runs this session (or ``tomodask serve``) to carry out a control."""
+        check_track(track)
+        if action not in ACTIONS:
+            raise ValueError(f"unknown action {action!r}; accepted: {', '.join(ACTIONS)}")
+        with self.store.db() as db:
+            db.add(ControlRequest(session_id=self.id, track=track, action=action))
+            db.commit()
+
     def _control(self, action: str, track: str) -> None:
         check_track(track)
-        if self.runner is None and self._remote():
-            with self.store.db() as db:
-                db.add(ControlRequest(session_id=self.id, track=track, action=action))
-                db.commit()
+        if self.runner is None and (self._remote() or coordinator_pid(self.store.data_root)):
+            self.send_control(action, track)
             return
         if self.runner is None:
             if action in ("stop", "clear"):
@@ -323,18 +331,6 @@ class Session:
             db.delete(db.get(SessionRow, self.id))
             db.commit()
         shutil.rmtree(self.layout.root, ignore_errors=True)
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _store(store: Store | None, data_root: str | Path | None) -> Store:

@@ -1,0 +1,107 @@
+"""Session benchmark: a simulated acquisition at a fixed cadence, processed live.
+
+Reports, per tilt-series, the latency from its last tilt being written to its tomogram and
+picks being stored; the sustained movies per second; and the keep-up ratio (processing rate
+over acquisition rate; above 1 means tomodask keeps up with the microscope).
+
+    python benchmarks/session.py --quick --json OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tomodask.demo import settings_for_simulation
+from tomodask.session.api import create_session
+from tomodask.simulate.microscope import AcquisitionSpec, Detector, TiltSeriesAcquisition
+from tomodask.simulate.writer import SIZE_PRESETS, write_mrc, write_tilt_series
+
+
+def acquire(out: Path, spec: AcquisitionSpec, n_tilt_series: int, seconds_per_tilt: float,
+            last_tilt_at: dict[str, float], first_tilt_at: list[float]) -> None:
+    """Write the acquisition at the cadence, recording when each tilt-series' last tilt landed."""
+    detector = Detector.make(spec.shape_yx, seed=0, gain_variation=spec.gain_variation,
+                             n_dead=spec.n_dead_pixels, n_hot=spec.n_hot_pixels)
+    write_mrc(out / "gain.mrc", detector.gain, pixel_size_angstrom=spec.pixel_size_angstrom)
+    for k in range(n_tilt_series):
+        name = f"TS_{k + 1:02d}"
+        acq = TiltSeriesAcquisition(spec, seed=k, detector=detector)
+
+        def on_tilt(i: int, name=name, n=len(acq)) -> None:
+            if not first_tilt_at:
+                first_tilt_at.append(time.time())
+            if i == n - 1:
+                last_tilt_at[name] = time.time()
+
+        write_tilt_series(acq, out, name=name, seconds_per_tilt=seconds_per_tilt, on_tilt=on_tilt)
+
+
+def run(size: str, n_tilt_series: int, seconds_per_tilt: float, spec_fields: dict) -> dict:
+    """Run one simulated acquisition and return its measurements."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        microscope = tmp / "microscope"
+        microscope.mkdir()
+        spec = AcquisitionSpec(**{**SIZE_PRESETS[size], **spec_fields})
+        session = create_session(settings_for_simulation(microscope, size=size, name="bench", **spec_fields),
+                                 data_root=tmp / "root")
+        last, first = {}, []
+        writer = threading.Thread(target=acquire, args=(microscope, spec, n_tilt_series, seconds_per_tilt, last, first))
+        t0 = time.time()
+        writer.start()
+        ok = session.run(expected_tilt_series=n_tilt_series, timeout_s=3600)
+        writer.join()
+        movies = session.movies()
+        series = session.tilt_series()
+        latencies = [row.finished_at.timestamp() - last[row.name] for row in series.itertuples()]
+        done = [m.finished_at.timestamp() for m in movies.itertuples()]
+        n_movies = len(movies)
+        acquisition_s = max(last.values()) - first[0]
+        processing_s = max(done) - first[0]
+        return {
+            "ok": ok,
+            "case": f"{size}, {n_tilt_series} x {len(spec.nominal_tilt_angles_deg)} tilts, "
+                    f"{seconds_per_tilt:g} s/tilt",
+            "tilt_series_latency_s": latencies,
+            "latency_s_median": float(np.median(latencies)),
+            "movies_per_second": n_movies / processing_s,
+            "acquisition_movies_per_second": n_movies / acquisition_s,
+            "keep_up_ratio": (n_movies / processing_s) / (n_movies / acquisition_s) if processing_s > 0 else None,
+            "movie_seconds_median": float(movies["seconds"].median()),
+            "tilt_series_seconds_median": float(series["seconds"].median()),
+            "wall_s": time.time() - t0,
+        }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny tilt-series (seconds); otherwise 'small' ones")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args()
+    if args.quick:
+        cases = [("tiny", 2, 1.0, dict(tilt_step_deg=8.0))]
+    else:
+        cases = [("tiny", 2, 1.0, dict(tilt_step_deg=8.0)), ("small", 1, 5.0, {})]
+    rows = []
+    for size, n, cadence, fields in cases:
+        r = run(size, n, cadence, fields)
+        rows.append({"tool": "tomodask", "step": "session", **r})
+    print(f"{'case':45s} {'latency s':>10s} {'movies/s':>9s} {'acq/s':>7s} {'keep-up':>8s}")
+    for r in rows:
+        print(f"{r['case']:45s} {r['latency_s_median']:10.1f} {r['movies_per_second']:9.2f} "
+              f"{r['acquisition_movies_per_second']:7.2f} {r['keep_up_ratio']:8.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"benchmark": "session", "machine": platform.platform(),
+                                         "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
