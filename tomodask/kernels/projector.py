@@ -52,25 +52,33 @@ def _backprojection_matrix_cached(
     nz, nx = shape_zx
     n_t = len(tilt_angles_deg)
     theta = np.deg2rad(np.asarray(tilt_angles_deg, dtype=np.float64))
-    z = (np.arange(nz, dtype=np.float64) - (nz - 1) / 2 + z_offset_px)[:, None]
-    x = (np.arange(nx, dtype=np.float64) - (nx - 1) / 2)[None, :]
-    rows = np.arange(nz * nx, dtype=np.int64)
-    data, indices, rowidx = [], [], []
-    for j, th in enumerate(theta):
-        u = (x * np.cos(th) + z * np.sin(th)).ravel() + (n_detector_px - 1) / 2
-        i0 = np.floor(u).astype(np.int64)
-        w = (u - i0).astype(np.float32)
-        for idx, weight in ((i0, 1.0 - w), (i0 + 1, w)):
-            ok = (idx >= 0) & (idx < n_detector_px)
-            data.append(weight[ok])
-            indices.append(idx[ok] + j * n_detector_px)
-            rowidx.append(rows[ok])
-    mat = scipy.sparse.coo_matrix(
-        (np.concatenate(data), (np.concatenate(rowidx), np.concatenate(indices))),
-        shape=(nz * nx, n_t * n_detector_px),
-        dtype=np.float32,
-    ).tocsr()
-    mat.sum_duplicates()
+    z = (np.arange(nz, dtype=np.float32) - np.float32((nz - 1) / 2 - z_offset_px))[:, None, None]
+    x = (np.arange(nx, dtype=np.float32) - np.float32((nx - 1) / 2))[None, :, None]
+    cos_t = np.cos(theta).astype(np.float32)[None, None, :]
+    sin_t = np.sin(theta).astype(np.float32)[None, None, :]
+    u = x * cos_t + z * sin_t + np.float32((n_detector_px - 1) / 2)  # (nz, nx, t)
+    i0 = np.floor(u)
+    w = u - i0
+    i0 = i0.astype(np.int32)
+    # each row (voxel) holds, tilt by tilt, the two detector pixels around u (tilt-major
+    # columns, so indices are sorted within a row); pixels off the detector get weight 0
+    col = np.empty((nz, nx, n_t, 2), dtype=np.int32)
+    col[..., 0] = i0
+    col[..., 1] = i0 + 1
+    data = np.empty((nz, nx, n_t, 2), dtype=np.float32)
+    data[..., 0] = 1.0 - w
+    data[..., 1] = w
+    off = (col < 0) | (col >= n_detector_px)
+    data[off] = 0.0
+    np.clip(col, 0, n_detector_px - 1, out=col)
+    col += (np.arange(n_t, dtype=np.int32) * n_detector_px)[:, None]
+    per_row = 2 * n_t
+    indptr = np.arange(0, nz * nx * per_row + 1, per_row, dtype=np.int64)
+    if indptr[-1] < np.iinfo(np.int32).max:
+        indptr = indptr.astype(np.int32)
+    mat = scipy.sparse.csr_matrix((data.ravel(), col.ravel(), indptr), shape=(nz * nx, n_t * n_detector_px))
+    mat.has_sorted_indices = True
+    mat.eliminate_zeros()
     return mat
 
 
@@ -82,6 +90,12 @@ def _projection_matrix_cached(
     z_offset_px: float,
 ) -> scipy.sparse.csr_matrix:
     return _backprojection_matrix_cached(tilt_angles_deg, n_detector_px, shape_zx, z_offset_px).T.tocsr()
+
+
+def clear_projector_cache() -> None:
+    """Forget the cached projection matrices (to time the cold path, or free memory)."""
+    _backprojection_matrix_cached.cache_clear()
+    _projection_matrix_cached.cache_clear()
 
 
 def backprojection_matrix(

@@ -38,7 +38,7 @@ import numpy as np
 
 from tomodask.backend import get_array_module
 from tomodask.kernels.ctf_model import ctf_2d
-from tomodask.kernels.fourier import fourier_crop
+from tomodask.kernels.fourier import critical_exposure_e_per_angstrom2, fourier_crop, frequency_grid
 from tomodask.kernels.geometry import local_defocus_angstrom
 from tomodask.kernels.projector import backproject
 
@@ -199,6 +199,44 @@ def _phase_flip(
     return out
 
 
+def dose_weight(
+    stack_tyx: np.ndarray,
+    dose_e_per_angstrom2: np.ndarray,
+    *,
+    pixel_size_angstrom: float,
+    voltage_kv: float = 300.0,
+) -> np.ndarray:
+    """Attenuate each tilt by the signal decay its accumulated exposure caused.
+
+    Parameters
+    ----------
+    stack_tyx
+        ``(t, y, x)`` tilt images.
+    dose_e_per_angstrom2
+        ``(t,)`` exposure (e-/Å²) accumulated before each tilt (plus half its own).
+    pixel_size_angstrom
+        Pixel size of the stack.
+    voltage_kv
+        Acceleration voltage (selects the critical-exposure curve).
+
+    Returns
+    -------
+    ndarray
+        ``(t, y, x)`` float32 images with spectra multiplied by
+        ``exp(-N_j / (2 N_e(k)))``, ``N_e`` the critical exposure of
+        :func:`tomodask.kernels.fourier.critical_exposure_e_per_angstrom2`: late tilts
+        contribute less high-resolution noise (a matched filter for radiation damage).
+    """
+    xp = get_array_module(stack_tyx)
+    n_t, ny, nx = stack_tyx.shape
+    fy, fx = frequency_grid((ny, nx), xp=xp)
+    k = xp.sqrt(fy**2 + fx**2) / pixel_size_angstrom
+    crit = critical_exposure_e_per_angstrom2(k, voltage_kv=voltage_kv)
+    dose = xp.asarray(np.asarray(dose_e_per_angstrom2, dtype=np.float32).reshape(n_t, 1, 1))
+    filt = xp.exp(-dose / (2.0 * crit[None])).astype(xp.float32)
+    return xp.fft.irfft2(xp.fft.rfft2(stack_tyx.astype(xp.float32)) * filt, s=(ny, nx)).astype(xp.float32)
+
+
 def _per_tilt(value, n_t: int, name: str) -> np.ndarray:
     arr = np.broadcast_to(np.asarray(value, dtype=np.float64), (n_t,)) if np.ndim(value) == 0 else np.asarray(
         value, dtype=np.float64).ravel()
@@ -294,7 +332,8 @@ def reconstruct_tomogram(
         stack = stack - stack.mean(axis=(1, 2), keepdims=True)
     stack = stack.astype(xp.float32)
     if dose_e_per_angstrom2 is not None:
-        raise NotImplementedError("dose weighting lands with tomodask.kernels.dose")
+        stack = dose_weight(stack, _per_tilt(dose_e_per_angstrom2, n_t, "dose_e_per_angstrom2"),
+                            pixel_size_angstrom=px, voltage_kv=voltage_kv)
     if defocus_angstrom is not None:
         stack = _phase_flip(
             stack, angles, _per_tilt(defocus_angstrom, n_t, "defocus_angstrom"), pixel_size_angstrom=px,
