@@ -1,0 +1,214 @@
+"""Tomogram reconstruction against the simulator's ground-truth phantom.
+
+Accuracy measure: Pearson r between the reconstruction (sign-inverted: the images show
+protein dark) and the phantom's phase density over the whole reconstructed slab, after a
+Gaussian low-pass of 1 voxel on both (:func:`lowpass_correlation`). The thresholds are the
+values measured on these data (seeds 0-2, 128 px at 12 A/px, 41 tilts of +-60 deg) minus a
+margin; the ceiling comes from the data, not the method: even noise-free, CTF-free
+projections give only r = 0.79-0.83 (the missing wedge elongates objects in z).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tomodask.kernels.geometry import specimen_to_image
+from tomodask.kernels.projector import backproject, project_volume
+from tomodask.kernels.reconstruct import (
+    binned_shape,
+    dose_weight,
+    lowpass_correlation,
+    reconstruct_tomogram,
+    reconstruction_filter,
+)
+from tomodask.simulate import simulate_tilt_series
+
+ALIGNED = dict(tilt_axis_angle_deg=0.0, shift_std_angstrom=0.0, shift_std_per_deg_angstrom=0.0)
+
+
+def _series(**spec):
+    """An aligned tilt-series, its phantom on the reconstruction grid and the slab thickness."""
+    spec = {"shape_yx": (128, 128), "pixel_size_angstrom": 12.0, **ALIGNED, **spec}
+    ts = simulate_tilt_series(0, **spec)
+    px = spec["pixel_size_angstrom"]
+    nz = int(np.ceil(ts.spec.thickness_angstrom / px)) + 8
+    phantom = ts.phantom_volume(pixel_size_angstrom=px, shape_zyx=(nz,) + spec["shape_yx"])
+    return ts, phantom, nz
+
+
+@pytest.fixture(scope="module")
+def series_3e():
+    return _series(dose_per_tilt_e_per_angstrom2=3.0)
+
+
+@pytest.fixture(scope="module")
+def series_1e():
+    return _series(dose_per_tilt_e_per_angstrom2=1.0)
+
+
+def _score(ts, phantom, nz, **options) -> float:
+    vol = reconstruct_tomogram(ts.images, ts.tilt_angles_deg, pixel_size_angstrom=ts.spec.pixel_size_angstrom,
+                               thickness_px=nz, invert_contrast=True, **options)
+    assert vol.dtype == np.float32 and vol.shape == phantom.shape
+    return lowpass_correlation(vol, phantom, lowpass_sigma_px=1.0)
+
+
+def test_forward_projector_is_exact_adjoint_of_backprojector():
+    rng = np.random.default_rng(1)
+    angles = np.array([-57.0, -21.5, 0.0, 3.0, 44.0, 60.0])
+    proj = rng.normal(size=(6, 5, 40)).astype(np.float32)
+    vol = rng.normal(size=(17, 5, 33)).astype(np.float32)
+    lhs = np.vdot(backproject(proj, angles, thickness_px=17, width_px=33).astype(np.float64), vol)
+    rhs = np.vdot(proj.astype(np.float64), project_volume(vol, angles, n_detector_px=40))
+    assert lhs == pytest.approx(rhs, rel=1e-5)
+
+
+@pytest.mark.parametrize("tilt_deg", [-60.0, -27.0, 0.0, 13.0, 48.0])
+def test_point_projects_where_geometry_says(tilt_deg):
+    """A voxel at specimen (x_s, z_s) lands at u = x_s cos t + z_s sin t (geometry.py)."""
+    nz, nx = 31, 64
+    vol = np.zeros((nz, 3, nx), np.float32)
+    z_idx, x_idx = 22, 40
+    vol[z_idx, 1, x_idx] = 1.0
+    proj = project_volume(vol, np.array([tilt_deg]))[0, 1]
+    centroid = float((proj * np.arange(nx)).sum() / proj.sum())
+    point = np.array([[x_idx - (nx - 1) / 2, 0.0, z_idx - (nz - 1) / 2]])
+    x_img, _, _ = specimen_to_image(point, tilt_deg, 0.0)
+    assert centroid - (nx - 1) / 2 == pytest.approx(float(x_img[0]), abs=1e-4)
+    assert proj.sum() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_noise_free_projections_reconstruct_to_the_phantom(series_3e):
+    """Projections of the phantom itself (no CTF, no noise): r >= 0.75 (measured 0.79-0.83)."""
+    ts, phantom, nz = series_3e
+    proj = project_volume(phantom, ts.tilt_angles_deg)
+    vol = reconstruct_tomogram(proj, ts.tilt_angles_deg, pixel_size_angstrom=12.0, thickness_px=nz,
+                               normalize=False)
+    assert lowpass_correlation(vol, phantom) >= 0.75
+    mirrored = reconstruct_tomogram(proj, -ts.tilt_angles_deg, pixel_size_angstrom=12.0, thickness_px=nz,
+                                    normalize=False)
+    assert lowpass_correlation(mirrored, phantom) < lowpass_correlation(vol, phantom) - 0.2
+
+
+def test_reconstruction_of_simulated_series_correlates_with_phantom(series_3e):
+    """3 e-/A2 per tilt: WBP r >= 0.50 (measured 0.54-0.60 for ramp and exact weighting);
+    with the tilt sign flipped (a handedness error) the correlation collapses."""
+    ts, phantom, nz = series_3e
+    r_ramp = _score(ts, phantom, nz)
+    r_exact = _score(ts, phantom, nz, weighting="exact")
+    assert r_ramp >= 0.50
+    assert r_exact >= 0.50
+    flipped = reconstruct_tomogram(ts.images, -ts.tilt_angles_deg, pixel_size_angstrom=12.0, thickness_px=nz,
+                                   invert_contrast=True)
+    assert lowpass_correlation(flipped, phantom) < r_ramp - 0.15
+
+
+def test_sirt_like_filter_beats_plain_wbp_at_low_dose(series_1e):
+    """1 e-/A2 per tilt: SIRT-like (20 equivalent iterations) r >= WBP r + 0.05
+    (measured +0.09: 0.54-0.59 -> 0.64-0.68)."""
+    ts, phantom, nz = series_1e
+    r_wbp = _score(ts, phantom, nz)
+    r_sirt = _score(ts, phantom, nz, sirt_like_iterations=20)
+    assert r_sirt >= r_wbp + 0.05
+
+
+def test_dose_weighting_improves_correlation(series_3e):
+    """Exposure filtering down-weights the damaged high frequencies of late tilts
+    (measured +0.013 to +0.014)."""
+    ts, phantom, nz = series_3e
+    dose = np.array([t.prior_dose_e_per_angstrom2 + t.dose_e_per_angstrom2 / 2 for t in ts.tilts])
+    assert _score(ts, phantom, nz, dose_e_per_angstrom2=dose) >= _score(ts, phantom, nz) + 0.005
+
+
+def _band_correlation(a: np.ndarray, b: np.ndarray, lo: float, hi: float) -> float:
+    """Correlation of two volumes over the Fourier shell lo <= |k| < hi (cycles/voxel)."""
+    fa, fb = np.fft.rfftn(a), np.fft.rfftn(b)
+    k = [np.fft.fftfreq(n) for n in a.shape[:2]] + [np.fft.rfftfreq(a.shape[2])]
+    r = np.sqrt(k[0][:, None, None] ** 2 + k[1][None, :, None] ** 2 + k[2][None, None, :] ** 2)
+    m = (r >= lo) & (r < hi)
+    return float(np.real(np.sum(fa[m] * np.conj(fb[m]))) / np.sqrt(np.sum(np.abs(fa[m]) ** 2) * np.sum(np.abs(fb[m]) ** 2)))
+
+
+def test_phase_flipping_restores_the_second_ctf_lobe():
+    """6 um underfocus at 5 A/px: beyond the first CTF zero the uncorrected tomogram
+    anti-correlates with the phantom; phase flipping with the true defoci (and their
+    gradient across each tilted image) makes it correlate (measured -0.03 -> +0.05 in the
+    shell from the first zero to 1.4x it, noise floor ~0.005); flipping with a wrong
+    defocus does not."""
+    defocus = 60000.0
+    px = 5.0
+    ts, phantom, nz = _series(pixel_size_angstrom=px, defocus_angstrom=defocus, thickness_angstrom=600.0,
+                              n_particles=4, n_gold=2, particle_radius_angstrom=50.0, gold_radius_angstrom=30.0)
+    df = np.array([(t.defocus_u_angstrom + t.defocus_v_angstrom) / 2 for t in ts.tilts])
+    astig = np.array([t.defocus_u_angstrom - t.defocus_v_angstrom for t in ts.tilts])
+    first_zero = px / np.sqrt(0.019687 * defocus)  # cycles/px, where pi * lambda * df * k^2 ~ pi
+    band = (first_zero, 1.4 * first_zero)
+
+    def score(**options):
+        vol = reconstruct_tomogram(ts.images, ts.tilt_angles_deg, pixel_size_angstrom=px, thickness_px=nz,
+                                   invert_contrast=True, **options)
+        return _band_correlation(vol, phantom, *band)
+
+    r_none = score()
+    r_flip = score(defocus_angstrom=df, astigmatism_angstrom=astig, astigmatism_angle_deg=ts.spec.astigmatism_angle_deg)
+    r_wrong = score(defocus_angstrom=np.full(len(df), 30000.0))
+    assert r_none < 0.0
+    assert r_flip > 0.03
+    assert r_flip > r_none + 0.05
+    assert r_wrong < r_flip - 0.05
+
+
+def test_binning_by_fourier_cropping(series_3e):
+    """Binning 2x gives half-size slices and still reconstructs the phantom (r >= 0.6,
+    measured 0.66 against the phantom voxelised at 24 A)."""
+    ts, _, _ = series_3e
+    shape, px = binned_shape((128, 128), pixel_size_angstrom=12.0, output_pixel_size_angstrom=24.0)
+    assert shape == (64, 64) and px == pytest.approx(24.0)
+    nz = int(np.ceil(ts.spec.thickness_angstrom / 24.0)) + 4
+    vol = reconstruct_tomogram(ts.images, ts.tilt_angles_deg, pixel_size_angstrom=12.0, thickness_px=nz,
+                               output_pixel_size_angstrom=24.0, invert_contrast=True)
+    assert vol.shape == (nz, 64, 64)
+    phantom = ts.phantom_volume(pixel_size_angstrom=24.0, shape_zyx=(nz, 64, 64))
+    assert lowpass_correlation(vol, phantom) >= 0.6
+
+
+def test_exact_weighting_is_the_ramp_where_lines_overlap_and_flat_beyond():
+    angles = np.arange(-60.0, 61.0, 3.0)
+    thickness = 100.0
+    n_pad = 512
+    ramp = reconstruction_filter(angles, n_pad, weighting="ramp", thickness_px=thickness, radial_cutoff=0.5)
+    exact = reconstruction_filter(angles, n_pad, weighting="exact", thickness_px=thickness, radial_cutoff=0.5)
+    f = np.fft.rfftfreq(n_pad)
+    step = np.deg2rad(3.0)
+    centre = len(angles) // 2
+    spacing = thickness * f * step  # distance between neighbouring central lines, in line widths
+    dense = (spacing > 0.06) & (spacing < 0.5)  # 2 to 16 lines overlap on each side, all within +-60 deg
+    assert np.allclose(exact[centre, dense], ramp[centre, dense], rtol=0.1)
+    sparse = spacing > 1.1  # neighbouring lines separate: each line counts once
+    assert np.allclose(exact[centre, sparse], 1.0 / thickness, rtol=1e-3)
+
+
+def test_dose_weight_attenuates_by_the_critical_exposure_curve():
+    ny = nx = 64
+    px = 2.0
+    k_cycles = 8 / nx  # 8 periods across the image
+    x = np.arange(nx)
+    wave = np.cos(2 * np.pi * k_cycles * x)[None, None, :] * np.ones((2, ny, 1))
+    out = dose_weight(wave.astype(np.float32), np.array([0.0, 40.0]), pixel_size_angstrom=px)
+    k = k_cycles / px
+    expected = np.exp(-40.0 / (2 * (0.245 * k**-1.665 + 2.81)))
+    assert np.allclose(out[0], wave[0], atol=1e-5)
+    assert np.allclose(out[1], expected * wave[1], atol=1e-5)
+
+
+def test_bad_options_name_the_accepted_values():
+    stack = np.ones((3, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="ramp"):
+        reconstruct_tomogram(stack, np.array([-3.0, 0.0, 3.0]), pixel_size_angstrom=1.0, thickness_px=4,
+                             weighting="shepp")
+    with pytest.raises(ValueError, match="one angle per tilt"):
+        reconstruct_tomogram(stack, np.array([0.0, 3.0]), pixel_size_angstrom=1.0, thickness_px=4)
+    with pytest.raises(ValueError, match="one value per tilt"):
+        reconstruct_tomogram(stack, np.array([-3.0, 0.0, 3.0]), pixel_size_angstrom=1.0, thickness_px=4,
+                             defocus_angstrom=[1.0, 2.0])
