@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from tomodask.demo import settings_for_simulation
+from tomodask.io.mrc import write_mrc
 from tomodask.session.api import create_session
 from tomodask.simulate.microscope import AcquisitionSpec, Detector, TiltSeriesAcquisition
-from tomodask.simulate.writer import SIZE_PRESETS, write_mrc, write_tilt_series
+from tomodask.simulate.writer import SIZE_PRESETS, write_tilt_series
 
 
 def acquire(out: Path, spec: AcquisitionSpec, n_tilt_series: int, seconds_per_tilt: float,

@@ -184,15 +184,13 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
     dict
         Metrics of the tilt-series, including per-tilt lists.
     """
-    from tomodask.io.imod import write_tlt, write_xf
     from tomodask.io.mrc import write_mrc
     from tomodask.io.omezarr import write_ome_zarr
     from tomodask.kernels.fourier import fourier_crop
     from tomodask.kernels.picking import pick_particles
     from tomodask.kernels.reconstruct import reconstruct_tomogram
-    from tomodask.kernels.thumbnails import thumbnails
+    from tomodask.kernels.thumbnails import tomogram_thumbnails
     from tomodask.kernels.tilt_align import align_tilt_series, apply_alignment
-    from tomodask.kernels.tilt_exclusion import find_bad_tilts
 
     t0 = time.perf_counter()
     s = SessionSettings.model_validate_json(req.settings_json)
@@ -211,36 +209,26 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
 
         axis_mdoc = read_mdoc(req.mdoc_path).tilt_axis_angle_deg
         axis_nominal = axis_mdoc if axis_mdoc is not None else axis_nominal
-
-    def binned(pixel_size_angstrom: float):
-        factor = max(pixel_size_angstrom / px, 1.0)
-        shape = tuple(int(round(n / factor)) // 2 * 2 for n in stack.shape[1:])
-        return fourier_crop(stack, shape), px * stack.shape[1] / shape[0]
-
     ta = p.tilt_series_alignment
-    user = {i for i, m in enumerate(movies) if m.get("acquisition_index") in set(ta.exclude_tilt_indices)}
-    align_stack, align_px = binned(ta.alignment_pixel_size_angstrom)
-    bad = find_bad_tilts(align_stack, tilt_angles_deg=angles,
-                         motion_px=[m["total_motion_px"] for m in movies],
-                         ctf_fit_resolution_angstrom=[m["ctf_fit_resolution_angstrom"] for m in movies],
-                         user_excluded=sorted(user),
-                         max_motion_px=s.processing.frame_alignment.max_total_motion_angstrom / px,
-                         max_ctf_fit_resolution_angstrom=p.ctf.max_fit_resolution_angstrom)
-    t_bad = time.perf_counter()
-    al = align_tilt_series(align_stack, angles, pixel_size_angstrom=align_px, tilt_axis_angle_deg=axis_nominal,
-                           excluded=bad.excluded, refine_tilt_axis=ta.refine_tilt_axis,
-                           refine_tilt_angle_offset=ta.refine_tilt_angle_offset,
-                           refinement_iterations=ta.refinement_iterations)
+    rec = p.reconstruction
+    user = tuple(i for i, m in enumerate(movies) if m.get("acquisition_index") in set(ta.exclude_tilt_indices))
+    al = align_tilt_series(stack, angles, pixel_size_angstrom=px, tilt_axis_angle_deg=axis_nominal,
+                           alignment_pixel_size_angstrom=ta.alignment_pixel_size_angstrom,
+                           specimen_thickness_angstrom=rec.thickness_angstrom,
+                           motion_px=np.array([m["total_motion_px"] for m in movies]),
+                           ctf_fit_resolution_angstrom=np.array([m["ctf_fit_resolution_angstrom"] for m in movies]),
+                           user_excluded=user, refine_tilt_axis=ta.refine_tilt_axis,
+                           n_projection_matching_iterations=ta.refinement_iterations,
+                           refine_tilt_angle_offset=ta.refine_tilt_angle_offset)
     t_align = time.perf_counter()
-    Path(req.alignment_dir).mkdir(parents=True, exist_ok=True)
-    shifts_full_px = np.asarray(al.shifts_px) * align_px / px
-    write_xf(Path(req.alignment_dir) / f"{req.tilt_series}.xf", shifts_px=shifts_full_px,
-             tilt_axis_angle_deg=al.tilt_axis_angle_deg)
-    write_tlt(Path(req.alignment_dir) / f"{req.tilt_series}.tlt", al.tilt_angles_deg)
+    al.write_imod(req.alignment_dir, req.tilt_series)
+    shifts_full_px = np.asarray(al.shifts_px, dtype=float)
 
     rec = p.reconstruction
     use = ~np.asarray(al.excluded)
-    rec_stack, rec_px = binned(rec.pixel_size_angstrom)
+    factor = max(rec.pixel_size_angstrom / px, 1.0)
+    shape = tuple(int(round(n / factor)) // 2 * 2 for n in stack.shape[1:])
+    rec_stack, rec_px = fourier_crop(stack, shape), px * stack.shape[1] / shape[0]
     aligned = apply_alignment(rec_stack[use], shifts_px=shifts_full_px[use] * px / rec_px,
                               tilt_axis_angle_deg=al.tilt_axis_angle_deg)
     defocus = np.array([m["defocus_angstrom"] for m in movies])[use] if rec.ctf_phase_flip else None
@@ -265,12 +253,12 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
         if pk.method == "template":
             from tomodask.io.mrc import read_mrc
 
-            template = read_mrc(pk.template_path)
+            template, _ = read_mrc(pk.template_path)
         picks = pick_particles(tomo, pixel_size_angstrom=rec_px, particle_radius_angstrom=pk.particle_radius_angstrom,
                                method=pk.method, min_distance_angstrom=pk.min_distance_angstrom,
                                threshold=pk.threshold, template_zyx=template, angular_step_deg=pk.angular_step_deg)
     t_pick = time.perf_counter()
-    thumbs = thumbnails(tomo_np)
+    thumbs = tomogram_thumbnails(tomo_np)
     g = _group(req.zarr_path, f"tilt_series/{req.tilt_series}")
     write_array(g, "aligned_stack", to_numpy(aligned), pixel_size_angstrom=rec_px)
     write_array(g, "thumbnail_xy", thumbs.xy)
@@ -289,21 +277,22 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
         "tilt_angles_deg": [float(a) for a in al.tilt_angles_deg],
         "excluded": [bool(e) for e in al.excluded],
         "exclusion_reason": list(al.exclusion_reason),
-        "shifts_px": shifts_full_px.tolist(),
-        "residual_px": residual.tolist(),
+        "shifts_px": np.nan_to_num(shifts_full_px).tolist(),
+        "residual_px": np.nan_to_num(residual, nan=-1.0).tolist(),
         "mean_residual_px": float(np.nanmean(residual[use])) if use.any() else float("nan"),
         "tilt_axis_angle_deg": float(al.tilt_axis_angle_deg),
         "tilt_axis_angle_nominal_deg": float(axis_nominal),
         "tilt_angle_offset_deg": float(al.tilt_angle_offset_deg),
-        "alignment_pixel_size_angstrom": align_px,
+        "alignment_pixel_size_angstrom": float(al.alignment_pixel_size_angstrom),
+        "specimen_z_offset_angstrom": float(al.specimen_z_offset_angstrom),
+        "alignment_correlation": np.nan_to_num(np.asarray(al.correlation, dtype=float)).tolist(),
         "tomogram_pixel_size_angstrom": rec_px,
         "tomogram_shape_zyx": list(tomo_np.shape),
         "n_picks": 0 if picks is None else int(len(picks.scores)),
         "pick_threshold": None if picks is None else float(picks.threshold_used),
         "picks_xyz_angstrom": [] if picks is None else np.asarray(picks.coordinates_xyz_angstrom).tolist(),
         "mean_defocus_angstrom": float(np.mean([m["defocus_angstrom"] for m in movies])),
-        "seconds_exclusion": t_bad - t0,
-        "seconds_alignment": t_align - t_bad,
+        "seconds_alignment": t_align - t0,
         "seconds_reconstruction": t_rec - t_align,
         "seconds_picking": t_pick - t_rec,
         "seconds": time.perf_counter() - t0,

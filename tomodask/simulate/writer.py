@@ -23,11 +23,11 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import tifffile
 
 from tomodask.io.mdoc import format_mdoc
+from tomodask.io.mrc import write_mrc
 from tomodask.kernels.geometry import __doc__ as GEOMETRY_DOC
 from tomodask.simulate.microscope import AcquisitionSpec, Detector, SimulatedTilt, TiltSeriesAcquisition
 
@@ -91,13 +91,6 @@ def write_in_pieces(path: Path, data: bytes, *, pieces: int, pause_s: float) -> 
             fh.flush()
             if pause_s and start + step < len(data):
                 time.sleep(pause_s)
-
-
-def write_mrc(path: Path, data: np.ndarray, *, pixel_size_angstrom: float) -> None:
-    """Write an MRC file with its voxel size."""
-    with mrcfile.new(path, overwrite=True) as mrc:
-        mrc.set_data(np.ascontiguousarray(data))
-        mrc.voxel_size = pixel_size_angstrom
 
 
 def _mdoc_section(tilt: SimulatedTilt, spec: AcquisitionSpec, name: str, start: float) -> dict:
