@@ -106,7 +106,8 @@ def process_movie(req: MovieRequest) -> dict:
         prior = (req.acquisition_index or 0) * dose
     al = align_frames(frames, pixel_size_angstrom=mic.pixel_size_angstrom,
                       dose_per_frame_e_per_angstrom2=dose / n_frames, pre_exposure_e_per_angstrom2=prior,
-                      bfactor_angstrom2=fa.bfactor_angstrom2,
+                      bfactor_angstrom2=fa.bfactor_angstrom2, voltage_kv=mic.voltage_kv,
+                      max_iterations=fa.max_iterations, max_total_motion_angstrom=fa.max_total_motion_angstrom,
                       patches_yx=tuple(fa.patches_yx) if fa.patches_yx else None)
     t_align = time.perf_counter()
     px = mic.pixel_size_angstrom
@@ -218,8 +219,7 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
                            motion_px=np.array([m["total_motion_px"] for m in movies]),
                            ctf_fit_resolution_angstrom=np.array([m["ctf_fit_resolution_angstrom"] for m in movies]),
                            user_excluded=user, refine_tilt_axis=ta.refine_tilt_axis,
-                           n_projection_matching_iterations=ta.refinement_iterations,
-                           refine_tilt_angle_offset=ta.refine_tilt_angle_offset)
+                           n_projection_matching_iterations=ta.refinement_iterations)
     t_align = time.perf_counter()
     al.write_imod(req.alignment_dir, req.tilt_series)
     shifts_full_px = np.asarray(al.shifts_px, dtype=float)
