@@ -6,32 +6,18 @@ import numpy as np
 import pytest
 
 from tomodask.kernels.fourier import fourier_shift
-from tomodask.kernels.tilt_align import TiltSeriesAlignment, align_tilt_series, apply_alignment
+from tomodask.kernels.tilt_align import (
+    TiltSeriesAlignment,
+    align_tilt_series,
+    apply_alignment,
+    gauge_free_shift_error_px,
+)
 from tomodask.kernels.tilt_exclusion import find_bad_tilts
 from tomodask.simulate import simulate_tilt_series
 
 TRUE_AXIS_DEG = 85.0
 NOMINAL_AXIS_DEG = 88.0  # 3 degrees off
 NOISE_TILT = 30
-
-
-def gauge_free_error_px(shifts_px, truth_px, tilt_angles_deg, axis_deg, use):
-    """Per-tilt shift error after removing what no projection data can fix.
-
-    A common translation and the height of the rotation centre (a term
-    ``z0 sin(theta)`` perpendicular to the axis: the tomogram moves in z) are fitted on
-    the kept tilts and removed.
-    """
-    d = shifts_px - truth_px
-    n = len(d)
-    a = np.deg2rad(axis_deg)
-    u_hat = np.array([np.sin(a), np.cos(a)])
-    design = np.stack([np.tile([1.0, 0.0], n), np.tile([0.0, 1.0], n),
-                       (np.sin(np.deg2rad(tilt_angles_deg))[:, None] * u_hat).ravel()], axis=1)
-    rows = np.repeat(use, 2)
-    coef, *_ = np.linalg.lstsq(design[rows], d.ravel()[rows], rcond=None)
-    r = (d.ravel() - design @ coef).reshape(n, 2)
-    return np.hypot(r[:, 0], r[:, 1])[use]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +54,9 @@ def test_shifts_match_truth(series):
     ts, res = series
     use = ~res.excluded
     bin_factor = res.alignment_pixel_size_angstrom / res.pixel_size_angstrom
-    err = gauge_free_error_px(res.shifts_px, ts.shifts_px, ts.tilt_angles_deg, TRUE_AXIS_DEG, use) / bin_factor
+    # Error after removing a common translation and the rotation-centre height term.
+    err = gauge_free_shift_error_px(res.shifts_px, ts.shifts_px, ts.tilt_angles_deg,
+                                    tilt_axis_angle_deg=TRUE_AXIS_DEG, use=use) / bin_factor
     # At the alignment pixel size (12 A): typical error well below a pixel, every tilt
     # (the +-60 degree ones included) within 3 px.
     assert np.median(err) < 1.0

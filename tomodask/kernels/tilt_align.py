@@ -878,3 +878,44 @@ def align_tilt_series(
         alignment_pixel_size_angstrom=px_b, nominal_tilt_axis_angle_deg=float(tilt_axis_angle_deg),
         specimen_z_offset_angstrom=float(z0_px * px_b),
     )
+
+
+def gauge_free_shift_error_px(
+    shifts_px: np.ndarray,
+    truth_px: np.ndarray,
+    tilt_angles_deg: np.ndarray,
+    *,
+    tilt_axis_angle_deg: float,
+    use: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-tilt shift error once the parts no projection data can fix are removed.
+
+    Parameters
+    ----------
+    shifts_px, truth_px
+        ``(t, 2)`` estimated and true displacements ``(dy, dx)``.
+    tilt_angles_deg
+        ``(t,)`` true tilt angles.
+    tilt_axis_angle_deg
+        True tilt-axis angle.
+    use
+        ``(t,)`` bool, tilts to compare (default: all).
+
+    Returns
+    -------
+    ndarray
+        ``(n_used,)`` error lengths after a least-squares fit and removal of a common
+        translation and of ``z0 sin(theta)`` perpendicular to the axis (the height of the
+        rotation centre: changing it only moves the tomogram along z).
+    """
+    d = np.asarray(shifts_px, dtype=np.float64) - np.asarray(truth_px, dtype=np.float64)
+    n = len(d)
+    use = np.ones(n, bool) if use is None else np.asarray(use, bool)
+    a = np.deg2rad(tilt_axis_angle_deg)
+    u_hat = np.array([np.sin(a), np.cos(a)])
+    design = np.stack([np.tile([1.0, 0.0], n), np.tile([0.0, 1.0], n),
+                       (np.sin(np.deg2rad(tilt_angles_deg))[:, None] * u_hat).ravel()], axis=1)
+    rows = np.repeat(use, 2)
+    coef, *_ = np.linalg.lstsq(design[rows], d.ravel()[rows], rcond=None)
+    r = (d.ravel() - design @ coef).reshape(n, 2)
+    return np.hypot(r[:, 0], r[:, 1])[use]
