@@ -18,10 +18,13 @@ Steps of :func:`align_tilt_series` (all at a binned "alignment" pixel size, ~12 
    at its angle and cross-correlated with it (the tilt's own back-projection is removed
    exactly with the linear projector of :mod:`tomodask.kernels.projector`). Iterated;
    the common mean of the corrections (a translation of the tomogram) is removed.
-5. **Specimen geometry.** In the last reconstruction the specimen slab is found: its
-   slope in the ``(x, z)`` plane gives the tilt-angle offset (a flat specimen must lie
-   flat) and its centre height fixes the height of the rotation centre (shifts change
-   by ``z0 sin(theta)`` perpendicular to the axis).
+5. **Specimen centring** (before step 4). Correlation follows the strongest layer (e.g.
+   gold on one surface); a thick reconstruction finds the centre height ``z0`` of the
+   specimen's structure and the shifts change by ``z0 sin(theta)`` perpendicular to the
+   axis, so the specimen sits in the matched slab. The tilt-angle offset is NOT estimated
+   yet: ``tilt_angle_offset_deg`` is 0 and the refined angles are the given ones
+   (:func:`specimen_pitch_and_height` can measure the slab slope but is not validated).
+   A final common-line search of +-1 deg follows the matching.
 6. **Failure detection.** A tilt whose normalised correlation with its reprojection is
    far below the others', or whose shift jumps, is excluded with reason
    ``"alignment failed (...)"`` rather than returned as junk.
@@ -649,7 +652,7 @@ class TiltSeriesAlignment:
     tilt_angles_deg
         ``(t,)`` refined tilt angles: the given ones plus ``tilt_angle_offset_deg``.
     tilt_angle_offset_deg
-        Offset added to the given angles so that the specimen lies flat.
+        Offset added to the given angles (0: not estimated yet).
     residual_px
         ``(t,)`` size of the last projection-matching correction, input pixels (how far
         the tilt still moved when alignment stopped; NaN for excluded tilts).
