@@ -21,6 +21,7 @@ from tomodask.kernels.reconstruct import (
     lowpass_correlation,
     reconstruct_tomogram,
     reconstruction_filter,
+    sirt_refine,
 )
 from tomodask.simulate import simulate_tilt_series
 
@@ -89,6 +90,22 @@ def test_noise_free_projections_reconstruct_to_the_phantom(series_3e):
     mirrored = reconstruct_tomogram(proj, -ts.tilt_angles_deg, pixel_size_angstrom=12.0, thickness_px=nz,
                                     normalize=False)
     assert lowpass_correlation(mirrored, phantom) < lowpass_correlation(vol, phantom) - 0.2
+
+
+def test_sirt_refinement_fits_the_projections_better(series_3e):
+    """Noise-free projections: 10 SIRT iterations from the WBP cut the relative
+    reprojection residual from 0.25 to 0.10 (measured) and raise r (0.803 -> 0.821)."""
+    ts, phantom, nz = series_3e
+    proj = project_volume(phantom, ts.tilt_angles_deg)
+    proj -= proj.mean(axis=(1, 2), keepdims=True)
+    wbp = reconstruct_tomogram(proj, ts.tilt_angles_deg, pixel_size_angstrom=12.0, thickness_px=nz, normalize=False)
+    refined = sirt_refine(wbp, proj, ts.tilt_angles_deg, n_iterations=10)
+
+    def residual(vol):
+        return np.linalg.norm(proj - project_volume(vol, ts.tilt_angles_deg)) / np.linalg.norm(proj)
+
+    assert residual(wbp) > 0.2 and residual(refined) < 0.12
+    assert lowpass_correlation(refined, phantom) > lowpass_correlation(wbp, phantom) + 0.01
 
 
 def test_reconstruction_of_simulated_series_correlates_with_phantom(series_3e):

@@ -92,6 +92,21 @@ def _projection_matrix_cached(
     return _backprojection_matrix_cached(tilt_angles_deg, n_detector_px, shape_zx, z_offset_px).T.tocsr()
 
 
+def _apply_along_y(mat, src_ayb, out_shape: tuple[int, int, int]):
+    """Apply a ``(c * d, a * b)`` slice operator to every y of ``(a, y, b)``, giving ``(c, y, d)``."""
+    xp = get_array_module(src_ayb)
+    n_a, ny, n_b = src_ayb.shape
+    n_c, _, n_d = out_shape
+    src = src_ayb.astype(xp.float32)
+    out = xp.empty(out_shape, dtype=xp.float32)
+    for y0 in range(0, ny, _Y_CHUNK):
+        y1 = min(y0 + _Y_CHUNK, ny)
+        block = xp.ascontiguousarray(xp.transpose(src[:, y0:y1, :], (0, 2, 1))).reshape(n_a * n_b, y1 - y0)
+        res = mat @ block
+        out[:, y0:y1, :] = xp.transpose(res.reshape(n_c, n_d, y1 - y0), (0, 2, 1))
+    return out
+
+
 def clear_projector_cache() -> None:
     """Forget the cached projection matrices (to time the cold path, or free memory)."""
     _backprojection_matrix_cached.cache_clear()
@@ -178,14 +193,7 @@ def backproject(
                                 z_offset_px=z_offset_px, xp=xp)
     if mat.shape[1] != n_t * nu:
         raise ValueError(f"{n_t} projections but {len(tilt_angles_deg)} tilt angles; give one angle per tilt")
-    proj = projections_tyx.astype(xp.float32)
-    out = xp.empty((nz, ny, nx), dtype=xp.float32)
-    for y0 in range(0, ny, _Y_CHUNK):
-        y1 = min(y0 + _Y_CHUNK, ny)
-        block = xp.ascontiguousarray(xp.transpose(proj[:, y0:y1, :], (0, 2, 1))).reshape(n_t * nu, y1 - y0)
-        res = mat @ block
-        out[:, y0:y1, :] = xp.transpose(res.reshape(nz, nx, y1 - y0), (0, 2, 1))
-    return out
+    return _apply_along_y(mat, projections_tyx, (nz, ny, nx))
 
 
 def project_volume(
@@ -225,11 +233,4 @@ def project_volume(
     n_t = len(np.atleast_1d(tilt_angles_deg))
     mat_t = backprojection_matrix(tilt_angles_deg, n_detector_px=nu, shape_zx=(nz, nx),
                                   z_offset_px=z_offset_px, transpose=True, xp=xp)
-    vol = volume_zyx.astype(xp.float32)
-    out = xp.empty((n_t, ny, nu), dtype=xp.float32)
-    for y0 in range(0, ny, _Y_CHUNK):
-        y1 = min(y0 + _Y_CHUNK, ny)
-        block = xp.ascontiguousarray(xp.transpose(vol[:, y0:y1, :], (0, 2, 1))).reshape(nz * nx, y1 - y0)
-        res = mat_t @ block
-        out[:, y0:y1, :] = xp.transpose(res.reshape(n_t, nu, y1 - y0), (0, 2, 1))
-    return out
+    return _apply_along_y(mat_t, volume_zyx, (n_t, ny, nu))

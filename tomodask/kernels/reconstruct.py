@@ -10,7 +10,7 @@ all slices at once (:mod:`tomodask.kernels.projector`). Steps:
    to the tilt axis, with the defocus gradient of the tilted specimen.
 4. 1D weighting of every row perpendicular to the axis (ramp or exact weighting,
    optionally the SIRT-like filter), with a Gaussian radial roll-off.
-5. Linear-interpolation back-projection.
+5. Linear-interpolation back-projection, optionally refined by a few SIRT iterations.
 
 The result keeps the contrast of the images: with the usual underfocus, protein is dark
 (negative), as in IMOD; pass ``invert_contrast=True`` for positive density.
@@ -37,10 +37,10 @@ from types import ModuleType
 import numpy as np
 
 from tomodask.backend import get_array_module, scipy_ndimage
-from tomodask.kernels.ctf_model import ctf_2d
+from tomodask.kernels.ctf_model import ctf_from_polar
 from tomodask.kernels.fourier import critical_exposure_e_per_angstrom2, fourier_crop, frequency_grid
 from tomodask.kernels.geometry import local_defocus_angstrom
-from tomodask.kernels.projector import backproject
+from tomodask.kernels.projector import backproject, project_volume
 
 WEIGHTINGS = ("ramp", "exact")
 
@@ -158,6 +158,44 @@ def reconstruction_filter(
     return xp.asarray((w * roll[None, :]).astype(np.float32))
 
 
+def filter_projections(
+    stack_tyx: np.ndarray,
+    tilt_angles_deg: np.ndarray,
+    *,
+    thickness_px: float,
+    weighting: str = "ramp",
+    sirt_like_iterations: float = 0,
+    radial_cutoff: float = 0.35,
+    radial_falloff: float = 0.05,
+) -> np.ndarray:
+    """Weight every row of an aligned stack for back-projection.
+
+    Parameters
+    ----------
+    stack_tyx
+        ``(t, y, x)`` zero-mean tilt images, tilt axis along y.
+    tilt_angles_deg
+        ``(t,)`` tilt angles.
+    thickness_px, weighting, sirt_like_iterations, radial_cutoff, radial_falloff
+        See :func:`reconstruction_filter`.
+
+    Returns
+    -------
+    ndarray
+        ``(t, y, x)`` float32 rows convolved with each tilt's filter (zero-padded to a
+        power of two at least twice the width, so without wrap-around).
+    """
+    xp = get_array_module(stack_tyx)
+    nx = stack_tyx.shape[-1]
+    n_pad = int(2 ** np.ceil(np.log2(2 * nx)))
+    filt = reconstruction_filter(tilt_angles_deg, n_pad, weighting=weighting, thickness_px=thickness_px,
+                                 sirt_like_iterations=sirt_like_iterations, radial_cutoff=radial_cutoff,
+                                 radial_falloff=radial_falloff, xp=xp)
+    spec = xp.fft.rfft(stack_tyx.astype(xp.float32), n=n_pad, axis=-1)
+    filtered = xp.fft.irfft(spec * filt[:, None, :], n=n_pad, axis=-1)
+    return xp.ascontiguousarray(filtered[..., :nx]).astype(xp.float32)
+
+
 def _phase_flip(
     stack_tyx,
     tilt_angles_deg: np.ndarray,
@@ -175,27 +213,26 @@ def _phase_flip(
     xp = get_array_module(stack_tyx)
     n_t, ny, nx = stack_tyx.shape
     x_px = np.arange(nx) - (nx - 1) / 2
+    fy, fx = frequency_grid((ny, nx), xp=xp)
+    k2 = (fy**2 + fx**2) / pixel_size_angstrom**2
+    direction = xp.arctan2(fy, fx)
     out = xp.empty_like(stack_tyx)
     for j in range(n_t):
-        theta = float(tilt_angles_deg[j])
         local = local_defocus_angstrom(float(defocus_angstrom[j]), x_px, np.zeros(nx),
-                                       pixel_size_angstrom=pixel_size_angstrom, tilt_angle_deg=theta,
-                                       tilt_axis_angle_deg=0.0)
+                                       pixel_size_angstrom=pixel_size_angstrom,
+                                       tilt_angle_deg=float(tilt_angles_deg[j]), tilt_axis_angle_deg=0.0)
         n_strips = max(1, int(np.ceil((local.max() - local.min()) / defocus_tolerance_angstrom)))
-        strip = np.minimum(((x_px - x_px[0]) / nx * n_strips).astype(int), n_strips - 1)
-        spec = xp.fft.rfft2(stack_tyx[j])
+        strip = np.minimum((np.arange(nx) * n_strips) // nx, n_strips - 1)
+        strip_df = np.bincount(strip, weights=local) / np.bincount(strip)
+        df = xp.asarray(strip_df.reshape(-1, 1, 1))
         half = 0.5 * float(astigmatism_angstrom[j])
-        for s in range(n_strips):
-            cols = np.nonzero(strip == s)[0]
-            df = float(local[cols].mean())
-            ctf = ctf_2d((ny, nx), pixel_size_angstrom=pixel_size_angstrom, defocus_u_angstrom=df + half,
-                         defocus_v_angstrom=df - half, astigmatism_angle_deg=float(astigmatism_angle_deg[j]),
-                         voltage_kv=voltage_kv, spherical_aberration_mm=spherical_aberration_mm,
-                         amplitude_contrast=amplitude_contrast, xp=xp)
-            # ctf_2d is negative in its first lobe: multiplying by -sign keeps the recorded contrast
-            flipped = xp.fft.irfft2(spec * (-xp.sign(ctf)), s=(ny, nx))
-            c0, c1 = int(cols[0]), int(cols[-1]) + 1
-            out[j, :, c0:c1] = flipped[:, c0:c1]
+        ctf = ctf_from_polar(k2, direction, defocus_u_angstrom=df + half, defocus_v_angstrom=df - half,
+                             astigmatism_angle_deg=float(astigmatism_angle_deg[j]), voltage_kv=voltage_kv,
+                             spherical_aberration_mm=spherical_aberration_mm, amplitude_contrast=amplitude_contrast)
+        # ctf is negative in its first lobe: multiplying by -sign keeps the recorded contrast
+        flipped = xp.fft.irfft2(xp.fft.rfft2(stack_tyx[j])[None] * (-xp.sign(ctf)), s=(ny, nx))
+        columns = xp.arange(nx)
+        out[j] = flipped[xp.asarray(strip), :, columns].T
     return out
 
 
@@ -254,6 +291,7 @@ def reconstruct_tomogram(
     output_pixel_size_angstrom: float | None = None,
     weighting: str = "ramp",
     sirt_like_iterations: float = 0,
+    sirt_iterations: int = 0,
     radial_cutoff: float = 0.35,
     radial_falloff: float = 0.05,
     defocus_angstrom: np.ndarray | None = None,
@@ -287,6 +325,9 @@ def reconstruct_tomogram(
         ``"ramp"`` or ``"exact"`` (see :func:`reconstruction_filter`).
     sirt_like_iterations
         Equivalent SIRT iterations of the SIRT-like filter (0: plain weighting).
+    sirt_iterations
+        Real SIRT iterations started from the weighted back-projection
+        (:func:`sirt_refine`; each costs one forward and one back-projection).
     radial_cutoff, radial_falloff
         Gaussian roll-off of the filter, cycles per output pixel.
     defocus_angstrom
@@ -341,15 +382,68 @@ def reconstruct_tomogram(
             astigmatism_angle_deg=_per_tilt(astigmatism_angle_deg, n_t, "astigmatism_angle_deg"),
             voltage_kv=voltage_kv, spherical_aberration_mm=spherical_aberration_mm,
             amplitude_contrast=amplitude_contrast, defocus_tolerance_angstrom=defocus_tolerance_angstrom)
-    ny, nx = shape
-    n_pad = int(2 ** np.ceil(np.log2(2 * nx)))
-    filt = reconstruction_filter(angles, n_pad, weighting=weighting, thickness_px=thickness_px,
-                                 sirt_like_iterations=sirt_like_iterations, radial_cutoff=radial_cutoff,
-                                 radial_falloff=radial_falloff, xp=xp)
-    filtered = xp.fft.irfft(xp.fft.rfft(stack, n=n_pad, axis=-1) * filt[:, None, :], n=n_pad, axis=-1)
-    filtered = xp.ascontiguousarray(filtered[..., :nx]).astype(xp.float32)
+    filtered = filter_projections(stack, angles, thickness_px=thickness_px, weighting=weighting,
+                                  sirt_like_iterations=sirt_like_iterations, radial_cutoff=radial_cutoff,
+                                  radial_falloff=radial_falloff)
     vol = backproject(filtered, angles, thickness_px=thickness_px, z_offset_px=z_offset_px)
+    if sirt_iterations > 0:
+        vol = sirt_refine(vol, stack, angles, n_iterations=sirt_iterations, z_offset_px=z_offset_px)
     return -vol if invert_contrast else vol
+
+
+def sirt_refine(
+    volume_zyx: np.ndarray,
+    projections_tyx: np.ndarray,
+    tilt_angles_deg: np.ndarray,
+    *,
+    n_iterations: int,
+    z_offset_px: float = 0.0,
+) -> np.ndarray:
+    """Refine a volume by SIRT iterations with the linear projector pair.
+
+    Parameters
+    ----------
+    volume_zyx
+        ``(z, y, x)`` starting volume (zeros, or a weighted back-projection of the same
+        projections, which needs far fewer iterations).
+    projections_tyx
+        ``(t, y, x)`` measured projections (zero-mean contrast, axis along y).
+    tilt_angles_deg
+        ``(t,)`` tilt angles.
+    n_iterations
+        Number of updates.
+    z_offset_px
+        Height of the volume centre above the specimen origin.
+
+    Returns
+    -------
+    ndarray
+        ``(z, y, x)`` float32 volume after
+        ``x <- x + C B (R (p - B^T x))`` per iteration, ``B`` the back-projector,
+        ``R`` and ``C`` the inverse row and column sums of ``B^T`` (Gilbert's SIRT as
+        astra-toolbox implements it).
+
+    References
+    ----------
+    .. [1] Gilbert, P. (1972). Iterative methods for the three-dimensional reconstruction
+       of an object from projections. J. Theor. Biol. 36, 105-117.
+    """
+    xp = get_array_module(volume_zyx, projections_tyx)
+    nz, ny, nx = volume_zyx.shape
+    ones_t = xp.ones((len(tilt_angles_deg), 1, projections_tyx.shape[-1]), dtype=xp.float32)
+    ones_v = xp.ones((nz, 1, nx), dtype=xp.float32)
+    rows = project_volume(ones_v, tilt_angles_deg, n_detector_px=projections_tyx.shape[-1], z_offset_px=z_offset_px)
+    cols = backproject(ones_t, tilt_angles_deg, thickness_px=nz, width_px=nx, z_offset_px=z_offset_px)
+    inv_rows = xp.where(rows > 1e-6, 1.0 / xp.maximum(rows, 1e-6), 0.0).astype(xp.float32)
+    inv_cols = xp.where(cols > 1e-6, 1.0 / xp.maximum(cols, 1e-6), 0.0).astype(xp.float32)
+    vol = volume_zyx.astype(xp.float32)
+    proj = projections_tyx.astype(xp.float32)
+    for _ in range(int(n_iterations)):
+        residual = (proj - project_volume(vol, tilt_angles_deg, n_detector_px=proj.shape[-1],
+                                          z_offset_px=z_offset_px)) * inv_rows
+        vol += inv_cols * backproject(residual, tilt_angles_deg, thickness_px=nz, width_px=nx,
+                                      z_offset_px=z_offset_px)
+    return vol
 
 
 def lowpass_correlation(volume_a: np.ndarray, volume_b: np.ndarray, *, lowpass_sigma_px: float = 1.0) -> float:
