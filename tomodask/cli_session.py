@@ -37,6 +37,8 @@ def _open(name: str, data_root: Path | None):
 def create(
     settings_file: Annotated[Path, typer.Argument(help="Settings (YAML or JSON); `tomodask settings show` prints a template.")],
     name: Annotated[str | None, typer.Option(help="Session name (overrides the file's session.name).")] = None,
+    owner: Annotated[str | None, typer.Option(help="Owner (default: your login name).")] = None,
+    group: Annotated[str | None, typer.Option(help="Group (default: the settings' session.group).")] = None,
     data_root: DataRoot = None,
 ) -> None:
     """Create a session from a settings file."""
@@ -46,7 +48,7 @@ def create(
         s = SessionSettings.load(settings_file)
         if name:
             s.session.name = name
-        session = create_session(s, data_root=data_root)
+        session = create_session(s, data_root=data_root, owner=owner, group=group)
     except (SettingsError, ValueError) as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None

@@ -173,6 +173,18 @@ class Session:
                 raise RuntimeError(f"stop the {t} track of session {self.name!r} before clearing it")
         self._control("clear", track)
 
+    def task_states(self) -> dict[str, str]:
+        """Live state of this session's tasks on the Dask scheduler (empty when not running here).
+
+        Keys are the stable task keys ``movie-<session>-<movie>-<hash>`` and
+        ``tilt_series-<session>-<name>-<hash>``; states are the scheduler's (``waiting``,
+        ``processing``, ``memory``, ``erred``...).
+        """
+        if self.runner is None or self.runner.cluster is None:
+            return {}
+        prefix = (f"movie-{self.id}-", f"tilt_series-{self.id}-")
+        return {str(k): v for k, v in self.runner.cluster.task_states().items() if str(k).startswith(prefix)}
+
     def close(self) -> None:
         """Stop the tracks this process runs and its cluster."""
         if self.runner is not None:
@@ -361,8 +373,10 @@ def create_session(settings: SessionSettings, *, data_root: str | Path | None = 
     with store.db() as db:
         if db.scalar(select(SessionRow).where(SessionRow.name == name)) is not None:
             raise ValueError(f"a session named {name!r} exists in {store.data_root}; choose another name")
-        db.add(SessionRow(name=name, group=group or settings.session.group, owner=owner or _login(),
-                          folder=str(folder), settings_yaml=settings.to_yaml()))
+        group = group or settings.session.group
+        owner = owner or _login()
+        store.ensure_user(owner, group)
+        db.add(SessionRow(name=name, group=group, owner=owner, folder=str(folder), settings_yaml=settings.to_yaml()))
         db.commit()
     layout = SessionLayout(folder)
     layout.create()

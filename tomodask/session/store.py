@@ -314,6 +314,24 @@ class Store:
         """A new ORM session (use as a context manager; commit explicitly)."""
         return self._sessionmaker()
 
+    def ensure_user(self, name: str, group: str) -> None:
+        """Record a user and their group (created when new; an existing user keeps theirs)."""
+        with self.db() as db:
+            g = db.scalar(select(Group).where(Group.name == group))
+            if g is None:
+                g = Group(name=group)
+                db.add(g)
+                db.flush()
+            if db.scalar(select(User).where(User.name == name)) is None:
+                db.add(User(name=name, group_id=g.id))
+            db.commit()
+
+    def users(self) -> dict[str, str]:
+        """Every user and the name of their group."""
+        with self.db() as db:
+            rows = db.execute(select(User.name, Group.name).join(Group, User.group_id == Group.id, isouter=True)).all()
+        return {u: g for u, g in rows}
+
     def log(self, session_id: int, track: str, message: str, *, level: str = "INFO") -> None:
         """Append one line to a track's persistent log."""
         with self.db() as db:
