@@ -64,14 +64,18 @@ from tomodask.backend import get_array_module, scipy_ndimage, to_numpy
 from tomodask.kernels.ctf_model import ctf_from_polar, electron_wavelength_angstrom
 from tomodask.kernels.geometry import local_defocus_angstrom
 
+#: Distance between neighbouring tiles as a fraction of the tile size.
+TILE_STEP_FRACTION = 0.5
+#: Width of the cosine taper at each tile edge as a fraction of the tile size.
+TAPER_FRACTION = 0.125
 #: Angular sectors of the polar cells over 180° (2.5° each).
 N_SECTORS = 72
 #: Coarse sectors of the astigmatism table (10° each); divides :data:`N_SECTORS`.
 N_COARSE_SECTORS = 18
 #: Largest number of strips a tilted image is split into.
-MAX_STRIPS = 9
+MAX_STRIPS = 8
 #: Narrowest defocus range of one strip, in Å.
-MIN_STRIP_WIDTH_ANGSTROM = 200.0
+MIN_STRIP_WIDTH_ANGSTROM = 400.0
 #: Interior knots of the cubic splines of the background and envelope over the fit range.
 N_BACKGROUND_KNOTS = 4
 #: Envelope B-factors (Å²) of the ring models tried in the 1D search.
@@ -319,7 +323,7 @@ def estimate_ctf(
     params, _ = _pattern_search(cells, optics, delta, background, contrast, params, steps, max_astigmatism_angstrom)
     model = _cell_model(cells, optics, delta, params)
     background, contrast = _fit_background(cells, model)
-    steps = np.array([10.0, 10.0, 10.0, 2.0 if fit_phase_shift else 0.0])
+    steps = np.array([8.0, 8.0, 8.0, 2.0 if fit_phase_shift else 0.0])
     params, score = _pattern_search(cells, optics, delta, background, contrast, params, steps, max_astigmatism_angstrom)
 
     mean, hc, hs, phase = (float(v) for v in params)
@@ -431,7 +435,7 @@ def _tile_layout(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tile origins (half-overlapping, centred grid) and their defocus offsets in Å."""
     ny, nx = shape_yx
-    step = tile // 2
+    step = max(int(round(tile * TILE_STEP_FRACTION)), 1)
 
     def starts(n: int) -> np.ndarray:
         count = (n - tile) // step + 1
@@ -462,7 +466,7 @@ def _strips(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _taper(tile: int, xp: ModuleType) -> Any:
     """Separable Tukey window (cosine edges over 1/8 of the tile on each side)."""
     n = np.arange(tile)
-    edge = max(tile // 8, 1)
+    edge = max(int(tile * TAPER_FRACTION), 1)
     ramp = np.ones(tile)
     t = 0.5 - 0.5 * np.cos(np.pi * (n[:edge] + 0.5) / edge)
     ramp[:edge] = t
@@ -487,7 +491,7 @@ def _strip_spectra(
     """Summed power spectra of each strip, cropped to ``radius``: (S, 2R+1, R+1), fy unshifted."""
     xp = get_array_module(image)
     window = _taper(tile, xp)
-    rows = np.r_[0 : radius + 1, tile - radius : tile]
+    rows = xp.asarray(np.r_[0 : radius + 1, tile - radius : tile])
     sums = xp.zeros((n_strips, 2 * radius + 1, radius + 1), dtype=xp.float32)
     order = np.argsort(starts_y, kind="stable")
     for y0 in np.unique(starts_y):  # one batch of tiles per tile row
@@ -503,7 +507,7 @@ def _strip_spectra(
     return sums
 
 
-def _pixel_polar(tile: int, px: float, radius: int, xp: ModuleType) -> tuple[Any, Any]:
+def _pixel_polar(radius: int, xp: ModuleType) -> tuple[Any, Any]:
     """Radius (spectrum px) and direction (rad) of every pixel of a cropped half spectrum."""
     fy = xp.asarray(np.r_[0 : radius + 1, -radius:0], dtype=xp.float32)[:, None]
     fx = xp.arange(radius + 1, dtype=xp.float32)[None, :]
@@ -527,7 +531,7 @@ def _make_cells(
     xp = get_array_module(sums)
     n_strips, _, width = sums.shape
     radius = width - 1
-    r, angle = _pixel_polar(tile, px, radius, xp)
+    r, angle = _pixel_polar(radius, xp)
     inside = ((r >= r_lo) & (r < r_hi)).ravel()
     rbin = xp.floor(r - r_lo).astype(xp.int64).ravel()
     n_rbins = int(rbin[inside].max()) + 1
@@ -581,17 +585,6 @@ def _make_cells(
 
 
 # ----------------------------------------------------------------------------- 1D search
-
-
-def _moving_average(x: Any, width: int) -> Any:
-    """Centred moving average along the last axis, window truncated at the ends."""
-    xp = get_array_module(x)
-    n = x.shape[-1]
-    c = xp.concatenate([xp.zeros(x.shape[:-1] + (1,), dtype=xp.float64), xp.cumsum(x, axis=-1, dtype=xp.float64)], axis=-1)
-    idx = np.arange(n)
-    lo = np.clip(idx - width // 2, 0, n)
-    hi = np.clip(idx + width // 2 + 1, 0, n)
-    return ((c[..., hi] - c[..., lo]) / xp.asarray(hi - lo, dtype=xp.float64)).astype(x.dtype)
 
 
 def _search_1d(
@@ -657,7 +650,7 @@ def _search_1d(
 def _cell_model(cells: _Cells, optics: _Optics, delta: Any, params: np.ndarray) -> Any:
     """CTF² of every cell of every strip for one parameter set: (S, N)."""
     xp = get_array_module(cells.k2)
-    mean, hc, hs, phase = (float(v) for v in params)
+    mean, hc, hs, phase = (xp.asarray(float(v), dtype=xp.float32) for v in params)
     return optics.ctf2(cells.k2[None, :], cells.angle[None, :], mean + delta, hc, hs, phase)
 
 
@@ -794,9 +787,13 @@ def _search_astigmatism(
 
 def _pattern_search(
     cells: _Cells, optics: _Optics, delta: Any, background: Any, contrast: Any,
-    params: np.ndarray, steps: np.ndarray, max_astigmatism: float,
+    params: np.ndarray, steps: np.ndarray, max_astigmatism: float, *, min_step: float = 4.0,
 ) -> tuple[np.ndarray, float]:
-    """Maximise the 2D NCC by a compass search on a full 3^d stencil, halving steps."""
+    """Maximise the 2D NCC by a compass search on a full 3^d stencil, halving steps.
+
+    When the defocus step is down to ``min_step`` and the centre is best, a quadratic
+    fitted to the stencil's scores gives the final sub-step position.
+    """
     xp = get_array_module(cells.spectrum)
     data = _normalised(cells, background, contrast)
     data_norm = float(xp.sqrt((cells.weight * data * data).sum()))
@@ -808,22 +805,54 @@ def _pattern_search(
     centre = int(np.nonzero((stencil == 0).all(axis=1))[0][0])
     steps = steps.astype(np.float64).copy()
     best = params.astype(np.float64).copy()
-    score = -np.inf
-    for _ in range(60):
-        cand = best[None, :] + stencil * steps[None, :]
+
+    def clamp(cand: np.ndarray) -> np.ndarray:
         half = np.hypot(cand[:, 1], cand[:, 2])
-        scale = np.where(half > 0.5 * max_astigmatism, 0.5 * max_astigmatism / np.maximum(half, 1e-9), 1.0)
-        cand[:, 1:3] *= scale[:, None]
-        sc = _score_batch(cells, optics, delta, contrast, data, data_norm, cand)
+        limit = 0.5 * max_astigmatism
+        cand[:, 1:3] *= np.where(half > limit, limit / np.maximum(half, 1e-9), 1.0)[:, None]
+        return cand
+
+    def score_of(cand: np.ndarray) -> np.ndarray:
+        return _score_batch(cells, optics, delta, contrast, data, data_norm, cand)
+
+    score = -np.inf
+    for _ in range(40):
+        sc = score_of(clamp(best[None, :] + stencil * steps[None, :]))
         i = int(np.argmax(sc))
         if sc[i] > sc[centre] + 1e-7:
-            best, score = cand[i], float(sc[i])
-        else:
-            score = float(sc[centre])
-            steps *= 0.5
-            if steps[0] < 1.0:
-                break
+            best, score = clamp(best[None, :] + stencil[i : i + 1] * steps[None, :])[0], float(sc[i])
+            continue
+        score = float(sc[centre])
+        if steps[0] <= min_step:
+            offset = _quadratic_peak(stencil[:, active], sc)
+            if offset is not None:
+                trial = best.copy()
+                trial[active] += offset * steps[active]
+                trial = clamp(trial[None, :])
+                s_trial = float(score_of(trial)[0])
+                if s_trial > score:
+                    best, score = trial[0], s_trial
+            break
+        steps *= 0.5
     return best, score
+
+
+def _quadratic_peak(points: np.ndarray, values: np.ndarray) -> np.ndarray | None:
+    """Maximum of a quadratic least-squares fit to values on a 3^d stencil, in stencil units."""
+    d = points.shape[1]
+    cols = [np.ones(len(points))] + [points[:, i] for i in range(d)]
+    pairs = [(i, j) for i in range(d) for j in range(i, d)]
+    cols += [points[:, i] * points[:, j] for i, j in pairs]
+    coef, *_ = np.linalg.lstsq(np.stack(cols, axis=1), values, rcond=None)
+    grad = coef[1 : d + 1]
+    hess = np.zeros((d, d))
+    for c, (i, j) in zip(coef[d + 1 :], pairs):
+        hess[i, j] += c if i != j else 2 * c
+        if i != j:
+            hess[j, i] += c
+    if np.any(np.linalg.eigvalsh(hess) >= 0):
+        return None
+    return np.clip(-np.linalg.solve(hess, grad), -1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- diagnostics
@@ -899,7 +928,7 @@ def _diagnostic_image(
     """Centred spectrum, left half data, right half model, resampled to ``(size, size)``."""
     xp = get_array_module(sums)
     radius = sums.shape[2] - 1
-    r, angle = _pixel_polar(tile, px, radius, xp)
+    r, angle = _pixel_polar(radius, xp)
     k = r / (tile * px)
     inside = (r >= r_lo) & (r < r_hi)
     k_r = xp.asarray(cells.k_rbin, dtype=xp.float32)
@@ -908,7 +937,7 @@ def _diagnostic_image(
     w_pix = xp.interp(k, k_r, contrast)
     b0_pix = xp.interp(k, k_r, xp.asarray(cells.b0, dtype=xp.float32))
     data = xp.where(inside, (total / b0_pix - b_pix) / b_pix, 0.0)
-    mean, hc, hs, phase = (float(v) for v in params)
+    mean, hc, hs, phase = (xp.asarray(float(v), dtype=xp.float32) for v in params)
     weights = xp.asarray(strip_tiles / strip_tiles.sum(), dtype=xp.float32)[:, None, None]
     dl = xp.asarray(strip_offsets, dtype=xp.float32)[:, None, None]
     model = (weights * optics.ctf2((k * k)[None], angle[None], mean + dl, hc, hs, phase)).sum(0)

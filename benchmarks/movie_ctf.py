@@ -1,0 +1,246 @@
+"""Benchmark: CTF estimation per tilt image, tomodask vs torch-ctf-estimation (CPU).
+
+Both tools fit the same simulated tilt images in one run: gain-corrected sums of
+simulated movies (1.5 Å/px, 300 kV, astigmatism 1000 Å, no drift, as after motion
+correction) at tilts up to 60°, at the realistic 3 e-/Å² per tilt and at harder,
+lower-dose and more blurred settings. The error is that of the mean defocus at the
+image centre (the simulator's truth), median over the images of a case; seconds are
+the median wall time per image (after one warm-up call of each tool).
+
+Run::
+
+    python benchmarks/movie_ctf.py [--quick] [--json OUT.json]
+
+The peer: ``torch_ctf_estimation.estimate_ctf`` with the same fit range (30-5 Å),
+defocus range (0.5-6 µm) and tile size in Å (384 px tiles at its internal 2.0 Å pixel),
+a single defocus for untilted images (``defocus_model="grid"``, 1x1) and a linear
+defocus gradient for tilted ones (``defocus_model="linear"``, the peer's tilt mode;
+its ``defocus_0`` is the centre defocus). Torch uses its default CPU threads.
+Install the peer with ``pip install torch==2.13.0`` first, then
+``pip install torch-ctf-estimation``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tomodask.kernels.ctf import estimate_ctf  # noqa: E402
+from tomodask.simulate import simulate_single_tilt  # noqa: E402
+
+PIXEL_ANGSTROM = 1.5
+AXIS_DEG = 85.0
+OPTICS = dict(voltage_kv=300.0, spherical_aberration_mm=2.7, amplitude_contrast=0.07)
+FIT_RANGE_ANGSTROM = (30.0, 5.0)
+DEFOCUS_RANGE_ANGSTROM = (5000.0, 60000.0)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case: the acquisition of its images and how many are fitted."""
+
+    name: str
+    tilt_deg: float
+    dose_e_per_angstrom2: float = 3.0
+    bfactor_angstrom2: float = 60.0
+    size_px: int = 1024
+    n_images: int = 6
+
+
+CASES = (
+    Case("tilt0", 0.0),
+    Case("tilt30", 30.0),
+    Case("tilt60", 60.0),
+    Case("tilt45_B500", 45.0, bfactor_angstrom2=500.0),
+    Case("tilt-60_dose1.5_B250", -60.0, dose_e_per_angstrom2=1.5, bfactor_angstrom2=250.0),
+    Case("tilt60_2048px", 60.0, size_px=2048, n_images=2),
+)
+#: Cases of ``--quick``, with three images each.
+QUICK_CASES = ("tilt0", "tilt60", "tilt45_B500")
+QUICK_IMAGES = 3
+
+
+def simulate(case: Case, seed: int, size: int) -> tuple[np.ndarray, float]:
+    """Gain-corrected summed movie of one simulated tilt, and its true mean defocus."""
+    defocus = 18000.0 + 4000.0 * seed
+    tilt = simulate_single_tilt(
+        seed=seed, shape_yx=(size, size), pixel_size_angstrom=PIXEL_ANGSTROM, n_frames=8,
+        dose_e_per_angstrom2=case.dose_e_per_angstrom2, tilt_angle_deg=case.tilt_deg,
+        tilt_axis_angle_deg=AXIS_DEG, defocus_angstrom=defocus, astigmatism_angstrom=1000.0,
+        astigmatism_angle_deg=-60.0 + 37.0 * seed, drift_total_px=0.0,
+        bfactor_angstrom2=case.bfactor_angstrom2,
+    )
+    image = (tilt.frames.astype(np.float32) * tilt.gain).sum(0)
+    return image, 0.5 * (tilt.truth.defocus_u_angstrom + tilt.truth.defocus_v_angstrom)
+
+
+def ours(image: np.ndarray, case: Case) -> float:
+    """tomodask's mean defocus at the image centre (Å)."""
+    r = estimate_ctf(
+        image, pixel_size_angstrom=PIXEL_ANGSTROM, tilt_angle_deg=case.tilt_deg,
+        tilt_axis_angle_deg=AXIS_DEG, defocus_search_range_angstrom=DEFOCUS_RANGE_ANGSTROM,
+        tile_size_px=512, resolution_range_angstrom=FIT_RANGE_ANGSTROM, **OPTICS,
+    )
+    return r.defocus_angstrom
+
+
+def _install_torchvision_stand_in() -> None:
+    """Put a minimal ``torchvision.transforms.functional.gaussian_blur`` into sys.modules.
+
+    torch-ctf-estimation imports torchvision only for this one Gaussian blur (its 2D
+    background), and the PyPI torchvision wheel fails to import beside the CPU build of
+    torch (``operator torchvision::nms does not exist``). This stand-in, used by this
+    benchmark only, implements the blur with torch ops: a separable normalised Gaussian
+    kernel with reflect padding, as torchvision's own implementation does.
+    """
+    if "torchvision.transforms.functional" in sys.modules:
+        return
+    import torch
+
+    def gaussian_blur(img, kernel_size, sigma=None):
+        ks = [kernel_size] * 2 if isinstance(kernel_size, int) else list(kernel_size)
+        if sigma is None:
+            sigma = [0.3 * ((k - 1) * 0.5 - 1) + 0.8 for k in ks]
+        sg = [float(sigma)] * 2 if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
+
+        def kernel(k: int, s: float) -> torch.Tensor:
+            x = torch.arange(k, dtype=img.dtype, device=img.device) - (k - 1) / 2
+            w = torch.exp(-0.5 * (x / s) ** 2)
+            return w / w.sum()
+
+        kx, ky = ks
+        shape = img.shape
+        t = img.reshape(-1, 1, shape[-2], shape[-1])
+        t = torch.nn.functional.pad(t, [kx // 2, kx // 2, ky // 2, ky // 2], mode="reflect")
+        t = torch.nn.functional.conv2d(t, kernel(kx, sg[0]).view(1, 1, 1, kx))
+        t = torch.nn.functional.conv2d(t, kernel(ky, sg[1]).view(1, 1, ky, 1))
+        return t.reshape(shape)
+
+    tv = types.ModuleType("torchvision")
+    transforms = types.ModuleType("torchvision.transforms")
+    functional = types.ModuleType("torchvision.transforms.functional")
+    functional.gaussian_blur = gaussian_blur
+    transforms.functional = functional
+    tv.transforms = transforms
+    sys.modules.update({
+        "torchvision": tv,
+        "torchvision.transforms": transforms,
+        "torchvision.transforms.functional": functional,
+    })
+
+
+def peer(image: np.ndarray, case: Case) -> float:
+    """torch-ctf-estimation's mean defocus at the image centre (Å), on the CPU."""
+    _install_torchvision_stand_in()
+    import torch
+    import torch_ctf_estimation as tce
+
+    optical = tce.OpticalParams(
+        pixel_spacing_angstroms=PIXEL_ANGSTROM, voltage_kev=OPTICS["voltage_kv"],
+        spherical_aberration_mm=OPTICS["spherical_aberration_mm"],
+        amplitude_contrast_fraction=OPTICS["amplitude_contrast"], target_pixel_spacing_angstroms=2.0,
+    )
+    tilted = case.tilt_deg != 0.0
+    fitting = tce.CTFFittingParams(
+        defocus_grid_resolution=(1, 2, 2) if tilted else (1, 1, 1),
+        defocus_model="linear" if tilted else "grid",
+        frequency_fit_range_angstroms=FIT_RANGE_ANGSTROM,
+        defocus_range_microns=tuple(d / 1e4 for d in DEFOCUS_RANGE_ANGSTROM),
+        patch_sidelength=384,
+    )
+    _, _, result2d = tce.estimate_ctf(torch.as_tensor(image), optical, fitting, device=torch.device("cpu"))
+    return 0.5 * (result2d.defocus_u + result2d.defocus_v) * 1e4
+
+
+TOOLS = {"tomodask": ours, "torch-ctf-estimation": peer}
+
+
+def ctf_rows(*, quick: bool) -> list[dict]:
+    """Fit every case's images with both tools; one row per (tool, case).
+
+    Parameters
+    ----------
+    quick
+        Three cases, three 1024² images each (a few minutes, nearly all of it the
+        peer's); otherwise every case of :data:`CASES` (about 15 minutes).
+
+    Returns
+    -------
+    list of dict
+        ``tool``, ``step`` ("ctf"), ``case``, ``seconds`` (median per image),
+        ``defocus_error_angstrom_median`` (median absolute error of the mean defocus),
+        ``defocus_errors_angstrom`` (each image), ``n_images``, ``image_size_px``.
+    """
+    cases = [c for c in CASES if c.name in QUICK_CASES] if quick else list(CASES)
+    warm, _ = simulate(cases[0], 99, 1024)
+    for fn in TOOLS.values():  # imports, first-call set-up
+        fn(warm, cases[0])
+    rows = []
+    for case in cases:
+        n_images = QUICK_IMAGES if quick else case.n_images
+        images = [simulate(case, seed, case.size_px) for seed in range(n_images)]
+        for tool, fn in TOOLS.items():
+            seconds, errors = [], []
+            for image, truth in images:
+                t0 = time.perf_counter()
+                estimate = fn(image, case)
+                seconds.append(time.perf_counter() - t0)
+                errors.append(estimate - truth)
+            rows.append({
+                "tool": tool, "step": "ctf", "case": case.name,
+                "seconds": statistics.median(seconds),
+                "defocus_error_angstrom_median": statistics.median(abs(e) for e in errors),
+                "defocus_errors_angstrom": [round(e, 1) for e in errors],
+                "n_images": len(images), "image_size_px": case.size_px,
+            })
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table: per case, both tools, and peer / tomodask ratios."""
+    lines = [
+        "| case | tool | s / image | median defocus error (Å) | time ratio peer/ours | error ratio peer/ours |",
+        "|---|---|---|---|---|---|",
+    ]
+    by_case: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_case.setdefault(r["case"], {})[r["tool"]] = r
+    for case, tools in by_case.items():
+        o = tools.get("tomodask")
+        for tool, r in tools.items():
+            ratio_t = ratio_e = ""
+            if tool == "torch-ctf-estimation" and o is not None:
+                ratio_t = f"{r['seconds'] / max(o['seconds'], 1e-9):.1f}x"
+                ratio_e = f"{r['defocus_error_angstrom_median'] / max(o['defocus_error_angstrom_median'], 1e-9):.2f}"
+            lines.append(
+                f"| {case} | {tool} | {r['seconds']:.2f} | {r['defocus_error_angstrom_median']:.0f} "
+                f"| {ratio_t} | {ratio_e} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: run, print the table, optionally write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller images")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    args = parser.parse_args(argv)
+    rows = ctf_rows(quick=args.quick)
+    print(format_table(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
