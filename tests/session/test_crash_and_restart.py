@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from sim_helpers import make_settings, spec_fields
@@ -22,9 +23,16 @@ pytestmark = pytest.mark.slow
 
 def _start(name: str, data_root) -> subprocess.Popen:
     env = dict(os.environ, TOMODASK_DATA_ROOT=str(data_root))
-    return subprocess.Popen([sys.executable, "-m", "tomodask.cli", "session", "run", name, "--tilt-series", "1",
-                             "--timeout-s", "600"], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = open(data_root / f"coordinator-{time.monotonic_ns()}.log", "wb")  # closed by _finish
+    proc = subprocess.Popen([sys.executable, "-m", "tomodask.cli", "session", "run", name, "--tilt-series", "1",
+                             "--timeout-s", "600"], env=env, start_new_session=True, stdout=log, stderr=log)
+    proc.log = log
+    return proc
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    proc.log.close()
+    return Path(proc.log.name).read_text()
 
 
 def _kill_when(proc: subprocess.Popen, condition, timeout_s: float = 300.0) -> None:
@@ -33,11 +41,13 @@ def _kill_when(proc: subprocess.Popen, condition, timeout_s: float = 300.0) -> N
         if condition():
             os.killpg(proc.pid, signal.SIGKILL)  # the coordinator and the workers it started
             proc.wait()
+            _finish(proc)
             return
         time.sleep(0.005)
-    out = proc.stdout.read().decode() if proc.stdout else ""
-    os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
-    pytest.fail(f"condition never met before the coordinator ended:\n{out}")
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    pytest.fail(f"condition never met before the coordinator ended:\n{_finish(proc)}")
 
 
 def _done_movies(session) -> dict[str, object]:
@@ -63,8 +73,9 @@ def test_kill_during_move_and_processing_loses_nothing_and_redoes_nothing(tmp_pa
     done_before = _done_movies(session)
 
     proc = _start("crash", data_root)  # 3: to the end
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out.decode()
+    proc.wait(timeout=600)
+    out = _finish(proc)
+    assert proc.returncode == 0, out
 
     in_session = {p.name: file_checksum(p) for p in raw.glob("TS_*.tif")}
     assert in_session == sums  # every source exactly once, intact

@@ -108,3 +108,28 @@ def test_same_seed_same_data():
     b = simulate_single_tilt(11, shape_yx=(192, 192), n_frames=2, n_particles=1, n_gold=0, membrane=False)
     np.testing.assert_array_equal(a.frames, b.frames)
     assert a.truth.defocus_u_angstrom - a.truth.defocus_v_angstrom == pytest.approx(500.0)
+
+
+def test_streaming_writes_movies_in_pieces_and_grows_the_mdoc(tmp_path):
+    import threading
+    import time
+
+    from tomodask.io.mdoc import read_mdoc
+    from tomodask.simulate.writer import write_session
+
+    t = threading.Thread(target=write_session, args=(tmp_path,), kwargs=dict(
+        n_tilt_series=1, size="tiny", seconds_per_tilt=0.4, tilt_step_deg=30.0))
+    t.start()
+    sizes: dict[str, set[int]] = {}
+    sections: list[int] = []
+    while t.is_alive():
+        for p in tmp_path.glob("TS_01_*.tif"):
+            sizes.setdefault(p.name, set()).add(p.stat().st_size)
+        mdoc = tmp_path / "TS_01.mrc.mdoc"
+        if mdoc.exists():
+            sections.append(len(read_mdoc(mdoc).sections))
+        time.sleep(0.01)
+    t.join()
+    assert len(sizes) == 5
+    assert any(len(s) > 1 for s in sizes.values())  # a watcher saw a movie half-written
+    assert sections == sorted(sections) and sections[0] < 5 and sections[-1] == 5  # mdoc grew tilt by tilt

@@ -159,6 +159,8 @@ def write_tilt_series(
     titles = ["SerialEM: tomodask simulated microscope",
               f"Tilt axis angle = {spec.recorded_tilt_axis_angle_deg:g}, binning = 1  spot = 8  camera = 0"]
     sections: list[dict] = []
+    mdoc_text = ""
+    (out / mdoc_name(naming, name)).unlink(missing_ok=True)
     truths = []
     start = time.time()
     for tilt in acquisition.tilts(with_frames=True):
@@ -167,7 +169,10 @@ def write_tilt_series(
         write_in_pieces(out / fname, encode_tiff_lzw(tilt.frames), pieces=pieces,
                         pause_s=seconds_per_tilt / (2 * pieces))
         sections.append(_mdoc_section(tilt, spec, fname, start))
-        (out / mdoc_name(naming, name)).write_text(format_mdoc(header, titles, sections), newline="")
+        text = format_mdoc(header, titles, sections)
+        with open(out / mdoc_name(naming, name), "a", newline="") as fh:  # SerialEM appends each section
+            fh.write(text[len(mdoc_text):])
+        mdoc_text = text
         truths.append({**tilt.truth.to_dict(), "movie": fname})
         if on_tilt:
             on_tilt(tilt.truth.acquisition_index)
