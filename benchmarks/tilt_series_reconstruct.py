@@ -19,18 +19,21 @@ Run ``python benchmarks/tilt_series_reconstruct.py [--quick] [--json OUT.json]``
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import time
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from tomodask.kernels.projector import clear_projector_cache
-from tomodask.kernels.reconstruct import lowpass_correlation, reconstruct_tomogram, sirt_refine
-from tomodask.simulate import simulate_tilt_series
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import benchmark_arguments, machine, timed, write_json  # noqa: E402
+
+from tomodask.kernels.projector import clear_projector_cache  # noqa: E402
+from tomodask.kernels.reconstruct import lowpass_correlation, reconstruct_tomogram, sirt_refine  # noqa: E402
+from tomodask.simulate import simulate_tilt_series  # noqa: E402
 
 #: Gaussian low-pass (voxels) applied to reconstruction and phantom before correlating.
 LOWPASS_SIGMA_PX = 1.0
@@ -139,12 +142,6 @@ def torch_tomogram_reconstruct(case: Case) -> np.ndarray:
     return vol.numpy()
 
 
-def _timed(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
-    t0 = time.perf_counter()
-    vol = fn()
-    return vol, time.perf_counter() - t0
-
-
 def reconstruct_rows(*, quick: bool) -> list[dict]:
     """Run every tool on the benchmark cases; one row per (tool, case)."""
     size = 128 if quick else 256
@@ -166,6 +163,7 @@ def reconstruct_rows(*, quick: bool) -> list[dict]:
     for case in (subset, low_dose):
         runs += [
             ("tomodask SIRT 100 from zero", case, lambda c: tomodask_sirt_from_zero(c, 100)),
+            ("astra SIRT 5 (CPU)", case, lambda c: astra_reconstruct(c, "SIRT", 5)),
             ("astra SIRT 20 (CPU)", case, lambda c: astra_reconstruct(c, "SIRT", 20)),
             ("astra SIRT 100 (CPU)", case, lambda c: astra_reconstruct(c, "SIRT", 100)),
             ("astra SART 1 epoch (CPU)", case, lambda c: astra_reconstruct(c, "SART", len(c.tilt_angles_deg))),
@@ -175,7 +173,7 @@ def reconstruct_rows(*, quick: bool) -> list[dict]:
     rows = []
     for tool, case, fn in runs:
         clear_projector_cache()  # every tilt-series has its own angles: time the cold path
-        vol, seconds = _timed(lambda fn=fn, case=case: fn(case))
+        vol, seconds = timed(fn, case)
         rows.append({"tool": tool, "step": "reconstruct", "case": case.name, "seconds": round(seconds, 4),
                      "correlation": round(correlation_with_phantom(vol, case.phantom_zyx), 4)})
     return rows
@@ -195,16 +193,13 @@ def _table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small volume, fewer iterations")
-    parser.add_argument("--json", help="write the rows to this JSON file")
-    args = parser.parse_args()
+    args = benchmark_arguments(__doc__)
     rows = reconstruct_rows(quick=args.quick)
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}")
+    info = machine()
+    print(f"machine: {info['machine']}, {info['cpus']} CPUs, python {info['python']}, {info['date']}")
     print(_table(rows))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+        write_json(args.json, "tilt_series_reconstruct", rows)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ The input is an aligned tilt-series with the tilt axis along the image Y axis (s
 :mod:`tomodask.kernels.geometry`), so the volume is reconstructed slice by slice along y,
 all slices at once (:mod:`tomodask.kernels.projector`). Steps:
 
-1. Fourier-crop (bin) to the output pixel size (:func:`tomodask.kernels.fourier.fourier_crop`).
+1. Fourier-crop (bin) to the output pixel size
+   (:func:`tomodask.kernels.gain.fourier_crop_to_pixel_size`).
 2. Normalise each tilt to relative contrast ``I / mean(I) - 1``.
 3. Optional dose weighting (exposure filter) and CTF phase flipping in strips parallel
    to the tilt axis, with the defocus gradient of the tilted specimen.
@@ -38,40 +39,13 @@ import numpy as np
 
 from tomodask.backend import get_array_module, scipy_ndimage
 from tomodask.kernels.ctf_model import ctf_from_polar
-from tomodask.kernels.fourier import critical_exposure_e_per_angstrom2, fourier_crop, frequency_grid
+from tomodask.kernels.dose import exposure_filter
+from tomodask.kernels.fourier import frequency_grid
+from tomodask.kernels.gain import fourier_crop_to_pixel_size
 from tomodask.kernels.geometry import local_defocus_angstrom
 from tomodask.kernels.projector import backproject, project_volume
 
 WEIGHTINGS = ("ramp", "exact")
-
-
-def binned_shape(
-    shape_yx: tuple[int, int], *, pixel_size_angstrom: float, output_pixel_size_angstrom: float | None
-) -> tuple[tuple[int, int], float]:
-    """Image shape after Fourier binning to a pixel size, and the exact pixel size reached.
-
-    Parameters
-    ----------
-    shape_yx
-        Input image shape ``(ny, nx)``.
-    pixel_size_angstrom
-        Input pixel size.
-    output_pixel_size_angstrom
-        Wanted pixel size (None or not larger than the input: no binning).
-
-    Returns
-    -------
-    shape_yx, pixel_size_angstrom
-        ``(ny', nx')`` with ``n' = round(n * pixel / output)`` (even, at least 2), and the
-        pixel size along x that this gives, ``pixel * nx / nx'``.
-    """
-    ny, nx = shape_yx
-    if output_pixel_size_angstrom is None or output_pixel_size_angstrom <= pixel_size_angstrom:
-        return (ny, nx), float(pixel_size_angstrom)
-    factor = pixel_size_angstrom / output_pixel_size_angstrom
-    oy = max(2, 2 * int(round(ny * factor / 2)))
-    ox = max(2, 2 * int(round(nx * factor / 2)))
-    return (oy, ox), float(pixel_size_angstrom * nx / ox)
 
 
 def _tilt_spacing_rad(theta: np.ndarray) -> np.ndarray:
@@ -260,17 +234,13 @@ def dose_weight(
     -------
     ndarray
         ``(t, y, x)`` float32 images with spectra multiplied by
-        ``exp(-N_j / (2 N_e(k)))``, ``N_e`` the critical exposure of
-        :func:`tomodask.kernels.fourier.critical_exposure_e_per_angstrom2`: late tilts
-        contribute less high-resolution noise (a matched filter for radiation damage).
+        ``exp(-N_j / (2 N_e(k)))`` (:func:`tomodask.kernels.dose.exposure_filter`): late
+        tilts contribute less high-resolution noise (a matched filter for radiation damage).
     """
     xp = get_array_module(stack_tyx)
     n_t, ny, nx = stack_tyx.shape
-    fy, fx = frequency_grid((ny, nx), xp=xp)
-    k = xp.sqrt(fy**2 + fx**2) / pixel_size_angstrom
-    crit = critical_exposure_e_per_angstrom2(k, voltage_kv=voltage_kv)
-    dose = xp.asarray(np.asarray(dose_e_per_angstrom2, dtype=np.float32).reshape(n_t, 1, 1))
-    filt = xp.exp(-dose / (2.0 * crit[None])).astype(xp.float32)
+    filt = exposure_filter((ny, nx), np.asarray(dose_e_per_angstrom2, dtype=np.float64).reshape(n_t),
+                           pixel_size_angstrom=pixel_size_angstrom, voltage_kv=voltage_kv, xp=xp)
     return xp.fft.irfft2(xp.fft.rfft2(stack_tyx.astype(xp.float32)) * filt, s=(ny, nx)).astype(xp.float32)
 
 
@@ -319,8 +289,8 @@ def reconstruct_tomogram(
     thickness_px
         Number of z slices of the output, in output voxels.
     output_pixel_size_angstrom
-        Voxel size to bin to by Fourier cropping (None: no binning); see
-        :func:`binned_shape` for the exact size reached.
+        Voxel size to bin to by Fourier cropping (None: no binning); the size reached
+        is that of :func:`tomodask.kernels.gain.fourier_crop_to_pixel_size`.
     weighting
         ``"ramp"`` or ``"exact"`` (see :func:`reconstruction_filter`).
     sirt_like_iterations
@@ -363,9 +333,9 @@ def reconstruct_tomogram(
     n_t = aligned_tyx.shape[0]
     if len(angles) != n_t:
         raise ValueError(f"{n_t} tilt images but {len(angles)} tilt angles; give one angle per tilt")
-    shape, px = binned_shape(aligned_tyx.shape[-2:], pixel_size_angstrom=pixel_size_angstrom,
-                             output_pixel_size_angstrom=output_pixel_size_angstrom)
-    stack = fourier_crop(aligned_tyx, shape)
+    stack, (_, px) = fourier_crop_to_pixel_size(
+        aligned_tyx, pixel_size_angstrom=pixel_size_angstrom,
+        target_pixel_size_angstrom=output_pixel_size_angstrom or pixel_size_angstrom)
     if normalize:
         mean = stack.mean(axis=(1, 2), keepdims=True)
         stack = stack / xp.where(mean == 0, 1.0, mean) - 1.0
