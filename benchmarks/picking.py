@@ -4,18 +4,22 @@ Every picker gets the same tomograms: simulated tilt-series at the simulator's d
 (:func:`tomodask.simulate.simulate_tilt_series`, 3 e-/Å² per tilt, 41 tilts, ±60°, tilt axis
 along Y, no shifts), 4 Å pixels, reconstructed by
 :func:`tomodask.kernels.reconstruct.reconstruct_tomogram` at 8 Å voxels (plain ramp WBP, no
-CTF correction), with 20 particles of radius 90 Å, gold beads and a vesicle membrane. A pick
-matches a particle when it lies within one particle radius (one-to-one, Hungarian:
-:func:`tomodask.kernels.picking_metrics.match_picks`).
+CTF correction), with 20 particles of radius 90 Å, 4 gold beads and a vesicle membrane
+(``--quick``: two tomograms; otherwise four, plus two at half the dose). A pick matches a
+particle when it lies within one particle radius (one-to-one, Hungarian:
+:func:`tomodask.kernels.picking_metrics.match_picks`); the table also counts picks within one
+radius of a gold bead and the RMS distance of matched picks to the true centres.
 
 Tools
     tomodask size: :func:`tomodask.kernels.picking.pick_particles` with ``method="size"`` and
     its automatic threshold. tomodask template: ``method="template"`` with the default sphere
     template of the particle radius (spherical, so one rotation). scikit-image
-    ``blob_log`` (3D): on the sign-flipped tomogram (particles bright), sigmas from
-    ``0.5 r / sqrt(3)`` to ``1.5 r / sqrt(3)`` (5 scales, ``r`` the radius in voxels),
-    ``overlap=0.5``, ``exclude_border`` one radius, and its ``threshold`` chosen for the best
-    F1 on a separate tuning tomogram (another seed), never on the test tomograms.
+    ``blob_log`` (3D): on the sign-flipped tomogram (particles bright) scaled to zero median
+    and unit standard deviation, ``overlap=0.5``, ``exclude_border`` one radius; its sigma
+    range (``r / sqrt(3)``, the LoG optimum for a sphere of radius ``r`` voxels, alone or
+    0.8-1.2 times it in 3 scales) and its ``threshold`` (7 values, 0.2-0.8) are chosen for
+    the best F1 on a separate tuning tomogram at the same dose (seed 101), never on the test
+    ones.
     pytom-match-pick is GPU-only (CUDA via cupy) and this machine has no GPU, so it has no
     row; the table says so.
 
@@ -26,17 +30,23 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
+import os
 import platform
-import time
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from tomodask.kernels.picking import pick_particles
-from tomodask.kernels.picking_metrics import match_picks
-from tomodask.kernels.reconstruct import reconstruct_tomogram
-from tomodask.simulate import simulate_tilt_series
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, as a script or imported
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tomodask from the checkout
+
+from _common import print_table, timed, write_json  # noqa: E402
+
+from tomodask.kernels.picking import pick_particles  # noqa: E402
+from tomodask.kernels.picking_metrics import match_picks  # noqa: E402
+from tomodask.kernels.reconstruct import reconstruct_tomogram  # noqa: E402
+from tomodask.simulate import AcquisitionSpec, simulate_tilt_series  # noqa: E402
 
 PYTOM_NOTE = ("pytom-match-pick: not run, it needs a CUDA GPU (cupy) and this machine has none; "
               "no row is reported for it")
@@ -123,98 +133,99 @@ def simulated_tomogram(seed: int, *, size_px: int = 384, pixel_size_angstrom: fl
                        particle_orientations_xyz=np.asarray(ph.particle_orientations_xyz))
 
 
-def blob_log_sigmas(case: PickingCase) -> tuple[float, float]:
-    """Sigma range for ``blob_log`` from the particle radius (LoG optimum r / sqrt(3))."""
-    r = case.particle_radius_angstrom / case.pixel_size_angstrom
-    return 0.5 * r / np.sqrt(3), 1.5 * r / np.sqrt(3)
+#: ``blob_log`` sigma ranges tried in tuning: (min, max) as fractions of the LoG optimum
+#: ``r / sqrt(3)`` for a sphere of radius ``r`` voxels, and the number of scales.
+BLOB_LOG_SIGMAS = ((1.0, 1.0, 1), (0.8, 1.2, 3))
+#: ``blob_log`` thresholds tried in tuning (on the tomogram scaled to zero median, unit std).
+BLOB_LOG_THRESHOLDS = tuple(np.round(np.geomspace(0.2, 0.8, 7), 3))
 
 
-def run_blob_log(case: PickingCase, threshold: float) -> np.ndarray:
+def run_blob_log(case: PickingCase, setting: tuple[float, tuple[float, float, int]]) -> np.ndarray:
     """scikit-image ``blob_log`` on the sign-flipped tomogram; returns ``(n, 3)`` zyx picks."""
     from skimage.feature import blob_log
 
+    threshold, (lo, hi, n) = setting
     vol = -case.volume_zyx
     vol = (vol - np.median(vol)) / vol.std()
-    lo, hi = blob_log_sigmas(case)
     r = case.particle_radius_angstrom / case.pixel_size_angstrom
-    blobs = blob_log(vol, min_sigma=lo, max_sigma=hi, num_sigma=5, threshold=threshold, overlap=0.5,
-                     exclude_border=int(np.ceil(r)))
+    blobs = blob_log(vol, min_sigma=lo * r / np.sqrt(3), max_sigma=hi * r / np.sqrt(3), num_sigma=n,
+                     threshold=threshold, overlap=0.5, exclude_border=int(np.ceil(r)))
     return blobs[:, :3].astype(np.float64)
 
 
-def tune_blob_log(case: PickingCase, thresholds: np.ndarray) -> tuple[float, float]:
-    """Best ``blob_log`` threshold (and its F1) on a tuning tomogram."""
+def tune_blob_log(case: PickingCase) -> tuple[tuple[float, tuple[float, float, int]], float]:
+    """Best ``blob_log`` (threshold, sigma range) and its F1 on a tuning tomogram."""
     r = case.particle_radius_angstrom / case.pixel_size_angstrom
-    best = (float(thresholds[0]), -1.0)
-    for thr in thresholds:
-        f1 = match_picks(run_blob_log(case, float(thr)), case.particles_zyx_px, max_distance=r).f1
-        if f1 > best[1]:
-            best = (float(thr), f1)
+    best = ((BLOB_LOG_THRESHOLDS[0], BLOB_LOG_SIGMAS[0]), -1.0)
+    for sigmas in BLOB_LOG_SIGMAS:
+        for thr in BLOB_LOG_THRESHOLDS:
+            setting = (float(thr), sigmas)
+            f1 = match_picks(run_blob_log(case, setting), case.particles_zyx_px, max_distance=r).f1
+            if f1 > best[1]:
+                best = (setting, f1)
     return best
-
-
-def timed(fn, *args, **kwargs):
-    """Call ``fn`` and return ``(result, seconds)``."""
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="two test tomograms instead of four")
+    parser.add_argument("--quick", action="store_true",
+                        help="two tomograms at the default dose (else four, plus two at half dose)")
     parser.add_argument("--json", metavar="OUT.json", help="write the rows as JSON")
     args = parser.parse_args()
 
-    test_seeds = [11, 12] if args.quick else [11, 12, 13, 14]
-    tuning = simulated_tomogram(101)
-    blob_thr, blob_tune_f1 = tune_blob_log(tuning, np.round(np.arange(0.02, 0.41, 0.02), 3))
+    default_dose = AcquisitionSpec().dose_per_tilt_e_per_angstrom2
+    cases = [(seed, default_dose) for seed in ([11, 12] if args.quick else [11, 12, 13, 14])]
+    if not args.quick:
+        cases += [(seed, default_dose / 2) for seed in (15, 16)]
+    blob_settings = {}
+    for dose in dict.fromkeys(d for _, d in cases):
+        tuning = simulated_tomogram(101, dose_per_tilt_e_per_angstrom2=dose)
+        blob_settings[dose] = tune_blob_log(tuning)
 
     rows = []
-    for seed in test_seeds:
-        case = simulated_tomogram(seed)
+    for seed, dose in cases:
+        case = simulated_tomogram(seed, dose_per_tilt_e_per_angstrom2=dose)
+        label = f"seed {seed}, {dose:g} e/A2/tilt"
         r = case.particle_radius_angstrom / case.pixel_size_angstrom
         common = dict(pixel_size_angstrom=case.pixel_size_angstrom,
-                      particle_radius_angstrom=case.particle_radius_angstrom)
+                      particle_radius_angstrom=case.particle_radius_angstrom, tilt_range_deg=case.tilt_range_deg)
         for tool, fn in [
             ("tomodask size", lambda: pick_particles(case.volume_zyx, method="size", **common).coordinates_zyx_px),
             ("tomodask template", lambda: pick_particles(case.volume_zyx, method="template",
-                                                         tilt_range_deg=case.tilt_range_deg,
                                                          **common).coordinates_zyx_px),
-            ("skimage blob_log", lambda: run_blob_log(case, blob_thr)),
+            ("skimage blob_log", lambda: run_blob_log(case, blob_settings[dose][0])),
         ]:
             picks, seconds = timed(fn)
             s = match_picks(picks, case.particles_zyx_px, max_distance=r)
-            gold_picked = int(sum(np.min(np.linalg.norm(case.gold_zyx_px - p, axis=1)) < r for p in picks)
-                              ) if len(picks) and len(case.gold_zyx_px) else 0
-            rows.append({"tool": tool, "step": "pick", "case": case.name, "seconds": round(seconds, 3),
+            on_gold = sum(bool(np.min(np.linalg.norm(case.gold_zyx_px - p, axis=1)) < r) for p in picks
+                          ) if len(case.gold_zyx_px) else 0
+            rows.append({"tool": tool, "step": "pick", "case": label, "seconds": round(seconds, 3),
                          "f1": round(s.f1, 3), "precision": round(s.precision, 3), "recall": round(s.recall, 3),
-                         "n_picks": int(len(picks)), "gold_picked": gold_picked})
-
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, numpy {np.__version__}")
-    print(f"blob_log threshold {blob_thr:g} tuned on seed 101 (tuning F1 {blob_tune_f1:.3f})")
-    print(PYTOM_NOTE)
-    header = f"{'tool':<20} {'case':<62} {'seconds':>8} {'F1':>6} {'P':>6} {'R':>6} {'gold':>5}"
-    print(header)
-    print("-" * len(header))
+                         "n_picks": int(len(picks)), "picks_on_gold": int(on_gold),
+                         "position_rms_px": round(float(np.sqrt(np.mean(s.match_distances**2))), 2)
+                         if s.n_true_positive else None})
+    blob_seconds = {r["case"]: r["seconds"] for r in rows if r["tool"] == "skimage blob_log"}
     for row in rows:
-        print(f"{row['tool']:<20} {row['case']:<62} {row['seconds']:>8.2f} {row['f1']:>6.3f} "
-              f"{row['precision']:>6.3f} {row['recall']:>6.3f} {row['gold_picked']:>5d}")
-    summary = {}
+        row["speedup_vs_blob_log"] = round(blob_seconds[row["case"]] / row["seconds"], 2)
+    summary = []
     for tool in dict.fromkeys(r["tool"] for r in rows):
         sel = [r for r in rows if r["tool"] == tool]
-        summary[tool] = {"seconds": float(np.mean([r["seconds"] for r in sel])),
-                         "f1": float(np.mean([r["f1"] for r in sel]))}
-    ref = summary["skimage blob_log"]
+        summary.append({"tool": tool, "case": "mean", "seconds": float(np.mean([r["seconds"] for r in sel])),
+                        "f1": float(np.mean([r["f1"] for r in sel])),
+                        "speedup_vs_blob_log": float(np.mean([r["speedup_vs_blob_log"] for r in sel]))})
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}")
+    print("tomograms:", simulated_tomogram.__doc__.splitlines()[0])
+    for dose, ((thr, (lo, hi, n)), f1) in blob_settings.items():
+        print(f"blob_log at {dose:g} e/A2/tilt: threshold {thr:g}, sigma {lo:g}-{hi:g} x r/sqrt(3) in {n} "
+              f"scale(s), tuned on seed 101 (tuning F1 {f1:.3f})")
+    print(PYTOM_NOTE)
+    print_table(rows, ["tool", "case", "seconds", "speedup_vs_blob_log", "f1", "precision", "recall",
+                       "picks_on_gold", "position_rms_px"])
     print()
-    for tool, v in summary.items():
-        print(f"mean {tool:<20} {v['seconds']:7.2f} s  F1 {v['f1']:.3f}   speed-up vs blob_log "
-              f"{ref['seconds'] / v['seconds']:5.2f}x")
+    print_table(summary, ["tool", "case", "seconds", "speedup_vs_blob_log", "f1"])
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"benchmark": "picking", "rows": rows, "summary": summary,
-                       "blob_log_threshold": blob_thr, "blob_log_tuning_f1": blob_tune_f1,
-                       "notes": [PYTOM_NOTE]}, fh, indent=2)
+        write_json(args.json, "picking", rows)
 
 
 if __name__ == "__main__":

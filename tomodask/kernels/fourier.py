@@ -248,3 +248,71 @@ def critical_exposure_e_per_angstrom2(frequency_per_angstrom: np.ndarray, *, vol
     k = xp.maximum(xp.asarray(frequency_per_angstrom), 1e-6)
     scale = 0.8 if abs(voltage_kv - 200.0) < 1.0 else 1.0
     return scale * (0.245 * k**-1.665 + 2.81)
+
+
+def rfftn(volume: np.ndarray) -> np.ndarray:
+    """Real FFT over every axis, in single precision for float32 input.
+
+    Parameters
+    ----------
+    volume
+        Real array (numpy or cupy).
+
+    Returns
+    -------
+    ndarray
+        Half-spectrum (last axis ``n // 2 + 1``), on the input's device. numpy inputs go
+        through ``scipy.fft`` (float32 kept, all cores), about twice as fast as ``numpy.fft``
+        on large volumes; cupy inputs through ``cupy.fft``.
+    """
+    xp = get_array_module(volume)
+    if xp is np:
+        import scipy.fft
+
+        return scipy.fft.rfftn(volume, workers=-1)
+    return xp.fft.rfftn(volume)
+
+
+def irfftn(spectrum: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`rfftn` back to a real array of ``shape`` (every axis).
+
+    Parameters
+    ----------
+    spectrum
+        Half-spectrum (numpy or cupy).
+    shape
+        Real-space shape.
+
+    Returns
+    -------
+    ndarray
+        Real array on the input's device (float32 for a complex64 spectrum).
+    """
+    xp = get_array_module(spectrum)
+    axes = tuple(range(len(shape)))
+    if xp is np:
+        import scipy.fft
+
+        return scipy.fft.irfftn(spectrum, s=shape, axes=axes, workers=-1)
+    return xp.fft.irfftn(spectrum, s=shape, axes=axes)
+
+
+def squared_frequency_3d(shape_zyx: tuple[int, int, int], *, xp: ModuleType = np) -> np.ndarray:
+    """Squared spatial frequency ``kz^2 + ky^2 + kx^2`` (cycles/voxel²) of an ``rfftn`` spectrum.
+
+    Parameters
+    ----------
+    shape_zyx
+        Real-space volume shape.
+    xp
+        Array module of the result.
+
+    Returns
+    -------
+    ndarray
+        ``(z, y, x // 2 + 1)`` float32.
+    """
+    kz = xp.fft.fftfreq(shape_zyx[0]).astype(xp.float32)[:, None, None]
+    ky = xp.fft.fftfreq(shape_zyx[1]).astype(xp.float32)[None, :, None]
+    kx = xp.fft.rfftfreq(shape_zyx[2]).astype(xp.float32)[None, None, :]
+    return kz**2 + ky**2 + kx**2

@@ -28,6 +28,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from tomodask.backend import get_array_module, scipy_ndimage, to_numpy
+from tomodask.kernels.fourier import irfftn, rfftn, squared_frequency_3d
 
 METHODS = ("size", "template")
 POLARITIES = ("dark", "bright")
@@ -132,12 +133,15 @@ def robust_sigma(values: np.ndarray, *, max_samples: int = 500_000) -> float:
     return float(MAD_TO_SIGMA * xp.median(xp.abs(sample - med)))
 
 
-def _frequency_grid_3d(shape_zyx: tuple[int, int, int], xp: ModuleType) -> np.ndarray:
-    """Squared spatial frequency ``k^2`` (cycles/voxel) of an ``rfftn`` half-spectrum."""
-    kz = xp.fft.fftfreq(shape_zyx[0]).astype(xp.float32)[:, None, None]
-    ky = xp.fft.fftfreq(shape_zyx[1]).astype(xp.float32)[None, :, None]
-    kx = xp.fft.rfftfreq(shape_zyx[2]).astype(xp.float32)[None, None, :]
-    return kz**2 + ky**2 + kx**2
+def _gaussian_spectrum_filter(volume_zyx: np.ndarray, sigmas_px: tuple[float, ...], signs: tuple[float, ...]
+                              ) -> np.ndarray:
+    """Sum of Gaussian blurs ``sum_i sign_i G(sigma_i) * volume`` by one product in Fourier space."""
+    xp = get_array_module(volume_zyx)
+    shape = tuple(volume_zyx.shape)
+    k2 = squared_frequency_3d(shape, xp=xp)
+    c = np.float32(2 * np.pi**2)
+    filt = sum(np.float32(sign) * xp.exp(-c * np.float32(sigma**2) * k2) for sigma, sign in zip(sigmas_px, signs))
+    return irfftn(rfftn(volume_zyx.astype(xp.float32)) * filt, shape).astype(xp.float32)
 
 
 def difference_of_gaussians(
@@ -172,13 +176,7 @@ def difference_of_gaussians(
         raise ValueError(
             f"need 0 < sigma_low_px < sigma_high_px, got {sigma_low_px} and {sigma_high_px}"
         )
-    xp = get_array_module(volume_zyx)
-    shape = tuple(volume_zyx.shape)
-    k2 = _frequency_grid_3d(shape, xp)
-    c = np.float32(2 * np.pi**2)
-    filt = xp.exp(-c * sigma_low_px**2 * k2) - xp.exp(-c * sigma_high_px**2 * k2)
-    spec = xp.fft.rfftn(volume_zyx.astype(xp.float32)) * filt
-    return xp.fft.irfftn(spec, s=shape, axes=(0, 1, 2)).astype(xp.float32)
+    return _gaussian_spectrum_filter(volume_zyx, (sigma_low_px, sigma_high_px), (1.0, -1.0))
 
 
 def gaussian_blur_fourier(volume_zyx: np.ndarray, *, sigma_px: float) -> np.ndarray:
@@ -196,11 +194,7 @@ def gaussian_blur_fourier(volume_zyx: np.ndarray, *, sigma_px: float) -> np.ndar
     ndarray
         ``(z, y, x)`` float32 on the input's device.
     """
-    xp = get_array_module(volume_zyx)
-    shape = tuple(volume_zyx.shape)
-    filt = xp.exp(np.float32(-2 * np.pi**2 * sigma_px**2) * _frequency_grid_3d(shape, xp))
-    spec = xp.fft.rfftn(volume_zyx.astype(xp.float32)) * filt
-    return xp.fft.irfftn(spec, s=shape, axes=(0, 1, 2)).astype(xp.float32)
+    return _gaussian_spectrum_filter(volume_zyx, (sigma_px,), (1.0,))
 
 
 @dataclass(frozen=True)
@@ -509,8 +503,10 @@ def otsu_threshold(values: np.ndarray, *, n_bins: int = 128) -> float:
     m0 = np.cumsum(hist * centres)
     mu0 = m0 / np.maximum(w0, 1)
     mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(edges[1:][np.argmax(between[:-1])])
+    between = (w0 * w1 * (mu0 - mu1) ** 2)[:-1]
+    # An empty gap between two classes gives a plateau of equal values: cut in its middle.
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    return float(0.5 * (edges[1:][best[0]] + edges[1:][best[-1]]))
 
 
 def automatic_threshold(candidate_scores: np.ndarray, *, noise_floor: float) -> float:
@@ -531,11 +527,16 @@ def automatic_threshold(candidate_scores: np.ndarray, *, noise_floor: float) -> 
     -----
     Noise maxima form a dense cluster of low scores and particles a sparse tail of high
     ones; Otsu's method on the candidate scores splits the two, and ``noise_floor`` keeps
-    the split out of the noise cluster when there are few or no particles.
+    the split out of the noise cluster when there are few or no particles. The candidates
+    should include noise maxima (collect them down to a fraction of the floor); when
+    every candidate is above the floor there is no noise cluster to split off, all are
+    particles, and the floor is the threshold.
     """
     s = np.asarray(candidate_scores, dtype=np.float64)
     if s.size < 2:
         return float(noise_floor)
+    if s.min() >= noise_floor:
+        return float(noise_floor)  # no noise maxima among the candidates: all are particles
     return float(max(noise_floor, otsu_threshold(s)))
 
 
@@ -724,7 +725,7 @@ def pick_particles(
         noise_in_score_units = noise
     floor = floor_sigma * noise_in_score_units
     coords, cand_scores = local_maxima(score, valid_zyx=valid, min_distance_px=min_dist_px,
-                                       floor=0.5 * floor)
+                                       floor=0.4 * floor)
     thr = automatic_threshold(cand_scores, noise_floor=floor) if threshold is None else float(threshold)
     keep = cand_scores >= thr
     if max_picks is not None:

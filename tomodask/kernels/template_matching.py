@@ -15,6 +15,7 @@ from types import ModuleType
 import numpy as np
 
 from tomodask.backend import get_array_module, scipy_ndimage
+from tomodask.kernels.fourier import irfftn, rfftn, squared_frequency_3d
 
 SYMMETRIES = ("auto", "none", "axial", "spherical")
 
@@ -330,15 +331,13 @@ def _prepare_template(
     xp = get_array_module(template_zyx)
     t = template_zyx
     if wedge_box is not None or lowpass_sigma_px > 0:
-        spec = xp.fft.rfftn(t)
+        spec = rfftn(t)
         if wedge_box is not None:
             spec = spec * wedge_box
         if lowpass_sigma_px > 0:
-            kz = xp.fft.fftfreq(t.shape[0]).astype(xp.float32)[:, None, None]
-            ky = xp.fft.fftfreq(t.shape[1]).astype(xp.float32)[None, :, None]
-            kx = xp.fft.rfftfreq(t.shape[2]).astype(xp.float32)[None, None, :]
-            spec = spec * xp.exp(np.float32(-2 * np.pi**2 * lowpass_sigma_px**2) * (kz**2 + ky**2 + kx**2))
-        t = xp.fft.irfftn(spec, s=t.shape, axes=(0, 1, 2)).astype(xp.float32)
+            k2 = squared_frequency_3d(t.shape, xp=xp)
+            spec = spec * xp.exp(np.float32(-2 * np.pi**2 * lowpass_sigma_px**2) * k2)
+        t = irfftn(spec, t.shape).astype(xp.float32)
     n = float(mask_zyx.sum())
     mean = float((t * mask_zyx).sum()) / n
     centred = (t - np.float32(mean)) * mask_zyx
@@ -351,8 +350,8 @@ def _prepare_template(
 def _correlate(f_vol: np.ndarray, box_zyx: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """``sum_r box(r) V(x + r)`` for every x, from the volume's spectrum ``f_vol``."""
     xp = get_array_module(f_vol)
-    f_box = xp.conj(xp.fft.rfftn(_pad_to_origin(box_zyx, shape)))
-    return xp.fft.irfftn(f_vol * f_box, s=shape, axes=(0, 1, 2)).astype(xp.float32)
+    f_box = xp.conj(rfftn(_pad_to_origin(box_zyx, shape)))
+    return irfftn(f_vol * f_box, shape).astype(xp.float32)
 
 
 def matched_filter(
@@ -387,7 +386,7 @@ def matched_filter(
     wedge = missing_wedge_weights(template.shape, tilt_range_deg, xp=xp) if tilt_range_deg is not None else None
     t_norm = _prepare_template(template, mask, wedge, lowpass_sigma_px)
     shape = tuple(int(n) for n in volume_zyx.shape)
-    return _correlate(xp.fft.rfftn(volume_zyx.astype(xp.float32)), t_norm, shape)
+    return _correlate(rfftn(volume_zyx.astype(xp.float32)), t_norm, shape)
 
 
 def match_template(
@@ -463,14 +462,14 @@ def match_template(
                  if tilt_range_deg is not None else None)
 
     vol = volume_zyx.astype(xp.float32)
-    f_vol = xp.fft.rfftn(vol)
-    f_vol2 = xp.fft.rfftn(vol * vol)
+    f_vol = rfftn(vol)
+    f_vol2 = rfftn(vol * vol)
 
     def local_sigma(mask_box: np.ndarray) -> tuple[np.ndarray, float]:
         n = float(mask_box.sum())
-        f_mask = xp.conj(xp.fft.rfftn(_pad_to_origin(mask_box, shape)))
-        mean = xp.fft.irfftn(f_vol * f_mask, s=shape, axes=(0, 1, 2)) / np.float32(n)
-        sq = xp.fft.irfftn(f_vol2 * f_mask, s=shape, axes=(0, 1, 2)) / np.float32(n)
+        f_mask = xp.conj(rfftn(_pad_to_origin(mask_box, shape)))
+        mean = irfftn(f_vol * f_mask, shape) / np.float32(n)
+        sq = irfftn(f_vol2 * f_mask, shape) / np.float32(n)
         var = xp.maximum(sq - mean * mean, 0)
         floor = np.float32(1e-6 * float(xp.median(var.ravel()[:: max(1, var.size // 1_000_000)])) + 1e-30)
         return xp.sqrt(xp.maximum(var, floor)).astype(xp.float32), n
