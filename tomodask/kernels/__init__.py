@@ -6,22 +6,10 @@ rest of tomodask except :mod:`tomodask.backend`; geometry conventions are in
 :mod:`tomodask.kernels.geometry`.
 """
 
-_ENTRY_POINTS = {
-    "align_frames": "tomodask.kernels.motion",
-    "estimate_ctf": "tomodask.kernels.ctf",
-    "align_tilt_series": "tomodask.kernels.tilt_align",
-    "reconstruct_tomogram": "tomodask.kernels.reconstruct",
-    "pick_particles": "tomodask.kernels.picking",
-}
+from tomodask.kernels.ctf import estimate_ctf
+from tomodask.kernels.motion import align_frames
+from tomodask.kernels.picking import pick_particles
+from tomodask.kernels.reconstruct import reconstruct_tomogram
+from tomodask.kernels.tilt_align import align_tilt_series
 
-
-def __getattr__(name: str):
-    """Import an entry point's module on first use."""
-    if name in _ENTRY_POINTS:
-        import importlib
-
-        return getattr(importlib.import_module(_ENTRY_POINTS[name]), name)
-    raise AttributeError(f"module 'tomodask.kernels' has no attribute {name!r}")
-
-
-__all__ = list(_ENTRY_POINTS)
+__all__ = ["align_frames", "align_tilt_series", "estimate_ctf", "pick_particles", "reconstruct_tomogram"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tomodask.kernels.ctf_model import ctf_2d
-from tomodask.kernels.fourier import frequency_grid
+from tomodask.kernels.fourier import critical_exposure_e_per_angstrom2, frequency_grid
 from tomodask.kernels.geometry import local_defocus_angstrom, specimen_to_image
 from tomodask.simulate.phantom import ICE_MEAN_FREE_PATH_ANGSTROM, Phantom
 
@@ -91,11 +91,6 @@ def project_phantom(
     return phase, absorb
 
 
-def critical_exposure_e_per_angstrom2(frequency_per_angstrom: np.ndarray) -> np.ndarray:
-    """Grant & Grigorieff critical exposure at spatial frequencies in 1/Å (300 kV)."""
-    return 0.245 * np.power(np.maximum(frequency_per_angstrom, 1e-6), -1.665) + 2.81
-
-
 def form_image(
     phase: np.ndarray,
     absorption: np.ndarray,
@@ -143,7 +138,7 @@ def form_image(
     fy, fx = frequency_grid((ny, nx), xp=np, rfft=True)
     k = np.sqrt(fy.astype(np.float64) ** 2 + fx.astype(np.float64) ** 2) / px
     spec *= np.exp(-optics.bfactor_angstrom2 * k**2 / 4.0)
-    spec *= np.exp(-prior_dose_e_per_angstrom2 / (2.0 * critical_exposure_e_per_angstrom2(k)))
+    spec *= np.exp(-prior_dose_e_per_angstrom2 / (2.0 * critical_exposure_e_per_angstrom2(k, voltage_kv=optics.voltage_kv)))
 
     yy = np.arange(ny)[:, None] - (ny - 1) / 2
     xx = np.arange(nx)[None, :] - (nx - 1) / 2
