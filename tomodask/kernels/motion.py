@@ -271,34 +271,45 @@ def _coarse_peak(
     return xp.stack([py * sy, px * sx], axis=-1).astype(xp.float64), snr
 
 
-def _newton_step(prod: np.ndarray, shape_yx: tuple[int, int], xp: ModuleType) -> tuple[np.ndarray, np.ndarray]:
-    """Newton step to the maximum of the continuous correlation, from its derivatives at zero.
+def _derivative_sums(q: np.ndarray, shape_yx: tuple[int, int], xp: ModuleType) -> np.ndarray:
+    """Weighted sums of a half-spectrum product for the correlation's derivatives at zero.
 
-    With ``cc(d) = sum_k P(k) exp(2 pi i k.d)`` the gradient at 0 is ``-2 pi sum k Im P``
-    and the Hessian ``-4 pi^2 sum k k^T Re P`` (sums over the full spectrum, computed
-    from the half-spectrum with Hermitian weights). Returns ``(..., 2)`` steps and a
-    ``(...)`` mask of where the Hessian is negative definite (a maximum is near).
+    Returns ``(..., 5)`` real: ``sum k_y Im q``, ``sum k_x Im q``, ``sum k_y^2 Re q``,
+    ``sum k_x^2 Re q``, ``sum k_y k_x Re q`` over the full spectrum (Hermitian weights on
+    the half-spectrum), from one matrix product over the x frequencies.
     """
     ny, nx = shape_yx
     fy, fx = frequency_grid(shape_yx, xp=xp)
-    w = _hermitian_weights(nx, xp)
-    pr = prod.real * w
-    pi = prod.imag * w
     fyv, fxv = fy[:, 0], fx[0]
-    row_r, row_i = pr.sum(axis=-1), pi.sum(axis=-1)  # (..., ky)
-    col_r, col_i = pr.sum(axis=-2), pi.sum(axis=-2)  # (..., kx)
-    gy = -_TWO_PI * (row_i * fyv).sum(axis=-1)
-    gx = -_TWO_PI * (col_i * fxv).sum(axis=-1)
+    w = _hermitian_weights(nx, xp)
+    cols = xp.stack([w, w * fxv, w * fxv**2], axis=1).astype(xp.complex64)  # (kx, 3)
+    batch = q.shape[:-2]
+    rows = (q.reshape(-1, q.shape[-1]) @ cols).reshape(batch + (ny, 3))  # (..., ky, 3)
+    s0 = (rows[..., 0] * fyv).sum(axis=-1)  # sum k_y q
+    s1 = rows[..., 1].sum(axis=-1)  # sum k_x q
+    s2 = (rows[..., 0] * fyv**2).sum(axis=-1)  # sum k_y^2 q
+    s3 = rows[..., 2].sum(axis=-1)  # sum k_x^2 q
+    s4 = (rows[..., 1] * fyv).sum(axis=-1)  # sum k_y k_x q
+    return xp.stack([s0.imag, s1.imag, s2.real, s3.real, s4.real], axis=-1).astype(xp.float64)
+
+
+def _newton_step(sums: np.ndarray, xp: ModuleType) -> tuple[np.ndarray, np.ndarray]:
+    """Newton step to the maximum of the continuous correlation, from its derivatives at zero.
+
+    With ``cc(d) = sum_k P(k) exp(2 pi i k.d)`` the gradient at 0 is ``-2 pi sum k Im P``
+    and the Hessian ``-4 pi^2 sum k k^T Re P``; ``sums`` are those of
+    :func:`_derivative_sums`. Returns ``(..., 2)`` steps and a ``(...)`` mask of where the
+    Hessian is negative definite (a maximum is near).
+    """
+    gy, gx = -_TWO_PI * sums[..., 0], -_TWO_PI * sums[..., 1]
     c2 = -(_TWO_PI**2)
-    hyy = c2 * (row_r * fyv**2).sum(axis=-1)
-    hxx = c2 * (col_r * fxv**2).sum(axis=-1)
-    hxy = c2 * ((pr @ fxv) * fyv).sum(axis=-1)
+    hyy, hxx, hxy = c2 * sums[..., 2], c2 * sums[..., 3], c2 * sums[..., 4]
     det = hyy * hxx - hxy**2
     ok = (hyy < 0) & (det > 0)
     det = xp.where(ok, det, 1.0)
     dy = -(hxx * gy - hxy * gx) / det
     dx = -(hyy * gx - hxy * gy) / det
-    return xp.stack([dy, dx], axis=-1).astype(xp.float64), ok
+    return xp.stack([dy, dx], axis=-1), ok
 
 
 def _iterative_alignment(
@@ -317,12 +328,21 @@ def _iterative_alignment(
 
     Returns ``(..., t, 2)`` zero-mean displacements, iterations run, convergence flag and
     (when ``coarse_first``) the first pass's ``(..., t)`` peak SNR.
+
+    Notes
+    -----
+    The product with the leave-one-out reference is ``A conj(T - A) = A conj(T) - |A|^2``
+    (``T`` the sum of all aligned frames); ``|A|^2`` does not change with the shifts, so
+    its derivative sums are computed once and each pass costs a phase ramp, one product
+    with ``conj(T)`` and one matrix product.
     """
     n_t = spec.shape[-3]
     fy, fx = frequency_grid(shape_yx, xp=xp)
     shifts = xp.asarray(initial_shifts, dtype=xp.float64)
     shifts = shifts - shifts.mean(axis=-2, keepdims=True)
     gain = (n_t - 1) / n_t  # one-step correction: frame i's error relative to the others is n/(n-1) its own
+    power = (spec.real**2 + spec.imag**2) * filt  # |A|^2 filt, independent of the shifts
+    self_sums = _derivative_sums(power.astype(xp.complex64), shape_yx, xp)
     snr = None
     converged = False
     coarse = coarse_first
@@ -330,20 +350,19 @@ def _iterative_alignment(
     it = 0
     for it in range(1, max_iterations + 1):
         aligned = spec * _phase(fy, fx, shifts, xp)
-        others = aligned.sum(axis=-3, keepdims=True) - aligned
-        prod = aligned * xp.conj(others) * filt
+        total = aligned.sum(axis=-3, keepdims=True)
+        q = aligned * (xp.conj(total) * filt)
         if coarse:  # full correlation maps until the shifts settle to within a pixel
-            step, peak_snr = _coarse_peak(prod, shape_yx, max_shift_px, xp)
+            step, peak_snr = _coarse_peak(q - power, shape_yx, max_shift_px, xp)
             snr = peak_snr if snr is None else snr
-            step = step * gain
-            coarse = it < max_coarse and float(xp.abs(step).max()) > 1.0
+            coarse = it < max_coarse and float(xp.abs(step).max()) > gain
         else:
-            step, ok = _newton_step(prod, shape_yx, xp)
+            step, ok = _newton_step(_derivative_sums(q, shape_yx, xp) - self_sums, xp)
             bad = ~ok | (xp.abs(step).max(axis=-1) > 1.0)
             if bool(bad.any()):  # far from a maximum: move to the best point of a 5 x 5 stencil
-                moved, _ = _stencil_peak(_stencil_cc(prod[bad], shape_yx, 2, xp), xp)
+                moved, _ = _stencil_peak(_stencil_cc(q[bad] - power[bad], shape_yx, 2, xp), xp)
                 step[bad] = moved
-            step = step * gain
+        step = step * gain
         shifts = shifts + step
         shifts = shifts - shifts.mean(axis=-2, keepdims=True)
         norm = xp.sqrt((shifts**2).sum(axis=-1))

@@ -1,0 +1,253 @@
+"""Benchmark: per-movie processing, tomodask vs torch-motion-correction (and CTF rows).
+
+Motion: every tool aligns the same simulated tilt movies in one run
+(:func:`tomodask.simulate.simulate_single_tilt`: 1.5 Å/px, 10 frames of 0.2-0.45 e-/px,
+tilted specimens, several pixels of decaying drift plus jitter, Poisson counts, gain and
+dead/hot pixels). Every tool gets the same gain-corrected frames with defects replaced
+(:mod:`tomodask.kernels.gain`). The score is the RMS over frames (and movies of a case) of
+the error of the zero-mean global frame displacements against the simulator's truth
+``truth.frame_shifts_px``; seconds are the median wall time per movie.
+
+Tools
+    tomodask: :func:`tomodask.kernels.motion.align_frames` with its defaults (B = 150 Å²,
+    5 x 5 patches for local motion) and with B = 500 Å² (the session settings' default);
+    its time includes the aligned, even/odd and dose-weighted sums. numpy's BLAS runs
+    single-threaded as in a Dask worker; FFTs use all cores (``scipy.fft.set_workers``),
+    as torch does by default.
+    torch-motion-correction 0.6.0 (CPU, torch's default threads), estimation only:
+    ``estimate_global_motion`` (whole frames, middle frame as reference, integer peaks);
+    ``estimate_motion_cross_correlation_patches`` started from it (patches of a quarter of
+    the frame side but at least 256 px, 50 % overlap, leave-one-out reference, sub-pixel peaks, temporal smoothing,
+    outlier rejection); and its most accurate mode, ``estimate_local_motion`` started from
+    the global field (Adam, 100 iterations, MSE loss, lr = 0.1 Å: the default 0.01 Å moves
+    the field by at most ~1 Å in 100 steps; patches as above, a (t, 2, 2) field).
+    The peers' global displacement per frame is their field averaged over an 8 x 8 grid.
+
+Run::
+
+    python benchmarks/movie.py [--quick] [--json OUT.json] [--skip-peers] [--skip-ctf]
+
+``--quick`` runs the 512² and 1024² cases; without it the full detector sizes are added
+(4096² x 40 frames and 5760 x 4092 x 10 frames: slow to simulate and to align on a CPU).
+The CTF rows come from ``benchmarks/movie_ctf.py`` (``ctf_rows``) when that module exists.
+Install the peer with ``pip install torch==2.13.0`` first, then
+``pip install torch-motion-correction``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+# As in a Dask worker (distributed's nanny pre-spawn environment): single-threaded BLAS for numpy.
+# Set before numpy loads. torch keeps its own default threads; tomodask's FFTs get the same cores
+# through scipy.fft.set_workers below.
+for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, as a script or imported
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tomodask from the checkout
+
+from _common import add_ratios, benchmark_parser, print_table, timed, write_json  # noqa: E402
+
+from tomodask.kernels.gain import apply_gain, find_defect_pixels, replace_defect_pixels  # noqa: E402
+from tomodask.kernels.motion import align_frames  # noqa: E402
+from tomodask.simulate import simulate_single_tilt  # noqa: E402
+
+PIXEL_ANGSTROM = 1.5
+
+
+@dataclass(frozen=True)
+class Case:
+    """Acquisition of the movies of one benchmark case."""
+
+    name: str
+    shape_yx: tuple[int, int]
+    tilt_deg: float
+    dose_e_per_angstrom2: float = 3.0
+    n_frames: int = 10
+    drift_px: float = 6.0
+    seeds: tuple[int, ...] = (0, 1)
+    quick: bool = True
+
+
+CASES = (
+    Case("512² 0° 3 e/Å² drift 6 px", (512, 512), 0.0),
+    Case("512² 45° 3 e/Å² drift 8 px", (512, 512), 45.0, drift_px=8.0),
+    Case("512² -60° 2 e/Å² drift 5 px (low dose)", (512, 512), -60.0, dose_e_per_angstrom2=2.0, drift_px=5.0),
+    Case("1024² 30° 3 e/Å² drift 10 px", (1024, 1024), 30.0, drift_px=10.0, seeds=(0,)),
+    Case("4096² 20° 40 frames drift 15 px", (4096, 4096), 20.0, n_frames=40, drift_px=15.0, seeds=(0,), quick=False),
+    Case("5760x4092 40° 10 frames drift 12 px", (4092, 5760), 40.0, drift_px=12.0, seeds=(0,), quick=False),
+)
+
+
+@dataclass(frozen=True)
+class Movie:
+    frames_tyx: np.ndarray  # gain-corrected, defects replaced
+    truth_shifts_px: np.ndarray
+    dose_per_frame: float
+
+
+def simulate(case: Case, seed: int) -> Movie:
+    """One movie of a case, corrected the way the movie task corrects it."""
+    n_particles = int(20 * case.shape_yx[0] * case.shape_yx[1] / 512**2)  # the simulator's density at 512²
+    tilt = simulate_single_tilt(seed=seed, shape_yx=case.shape_yx, pixel_size_angstrom=PIXEL_ANGSTROM,
+                                n_frames=case.n_frames, dose_e_per_angstrom2=case.dose_e_per_angstrom2,
+                                tilt_angle_deg=case.tilt_deg, drift_total_px=case.drift_px,
+                                n_particles=min(n_particles, 200))
+    frames = apply_gain(tilt.frames, tilt.gain)
+    frames = replace_defect_pixels(frames, find_defect_pixels(frames))
+    return Movie(frames, np.asarray(tilt.truth.frame_shifts_px), case.dose_e_per_angstrom2 / case.n_frames)
+
+
+# ---------------------------------------------------------------------------------------
+# tools: each returns (t, 2) zero-mean displacements in pixels
+
+
+def tomodask_tool(bfactor: float | None = None) -> Callable[[Movie], np.ndarray]:
+    def run(movie: Movie) -> np.ndarray:
+        kw = {} if bfactor is None else {"bfactor_angstrom2": bfactor}
+        al = align_frames(movie.frames_tyx, pixel_size_angstrom=PIXEL_ANGSTROM,
+                          dose_per_frame_e_per_angstrom2=movie.dose_per_frame, **kw)
+        return al.shifts_px
+    return run
+
+
+def _peer_patch_shape(movie: Movie) -> tuple[int, int]:
+    """Peer patches: a quarter of the frame side, at least 256 px (its example uses 1024 px on 4k frames)."""
+    return tuple(min(n, max(256, n // 4 // 2 * 2)) for n in movie.frames_tyx.shape[1:])
+
+
+def _field_shifts_px(field, n_frames: int) -> np.ndarray:
+    """Per-frame displacement (px) of a torch-motion-correction field: mean over an 8 x 8 grid."""
+    s = np.array([field.evaluate_at_t(i / max(n_frames - 1, 1), (8, 8)).mean(dim=(-2, -1)).detach().cpu().numpy()
+                  for i in range(n_frames)]) / PIXEL_ANGSTROM
+    return s - s.mean(axis=0)
+
+
+def peer_tools() -> dict[str, Callable[[Movie], np.ndarray]]:
+    """The torch-motion-correction modes (ImportError when the peer is not installed)."""
+    import torch
+    from torch_motion_correction import (
+        OptimizationConfig,
+        PatchSamplingConfig,
+        estimate_global_motion,
+        estimate_local_motion,
+        estimate_motion_cross_correlation_patches,
+    )
+
+    def tensor(movie: Movie):
+        return torch.from_numpy(np.ascontiguousarray(movie.frames_tyx, dtype=np.float32))
+
+    def global_mode(movie: Movie) -> np.ndarray:
+        return _field_shifts_px(estimate_global_motion(tensor(movie), pixel_spacing=PIXEL_ANGSTROM),
+                                movie.frames_tyx.shape[0])
+
+    def xc_patches(movie: Movie) -> np.ndarray:
+        image = tensor(movie)
+        start = estimate_global_motion(image, pixel_spacing=PIXEL_ANGSTROM)
+        field, _ = estimate_motion_cross_correlation_patches(
+            image, pixel_spacing=PIXEL_ANGSTROM,
+            patch_sampling=PatchSamplingConfig(patch_shape=_peer_patch_shape(movie)), initial_deformation_field=start)
+        return _field_shifts_px(field, image.shape[0])
+
+    def local_optimizer(movie: Movie) -> np.ndarray:
+        image = tensor(movie)
+        start = estimate_global_motion(image, pixel_spacing=PIXEL_ANGSTROM)
+        field, _ = estimate_local_motion(
+            image, pixel_spacing=PIXEL_ANGSTROM, deformation_field_resolution=(image.shape[0], 2, 2),
+            patch_sampling=PatchSamplingConfig(patch_shape=_peer_patch_shape(movie)), initial_deformation_field=start,
+            optimization=OptimizationConfig(max_iterations=100, optimizer_type="adam", loss_type="mse",
+                                            optimizer_kwargs={"lr": 0.1}),
+            trajectory_kwargs={"sample_every_n_steps": 100})
+        return _field_shifts_px(field, image.shape[0])
+
+    return {
+        "torch-motion-correction global": global_mode,
+        "torch-motion-correction xc patches": xc_patches,
+        "torch-motion-correction local (optimizer)": local_optimizer,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def motion_rows(*, quick: bool, peers: bool = True) -> list[dict]:
+    """Align every case's movies with every tool; one row per (tool, case)."""
+    import scipy.fft
+
+    tools: dict[str, Callable[[Movie], np.ndarray]] = {
+        "tomodask": tomodask_tool(), "tomodask B=500": tomodask_tool(500.0)}
+    if peers:
+        tools.update(peer_tools())
+    cases = [c for c in CASES if c.quick or not quick]
+    warm = simulate(Case("warm-up", (512, 512), 0.0, seeds=(99,)), 99)
+    with scipy.fft.set_workers(os.cpu_count() or 1):  # the same cores torch uses by default
+        for fn in tools.values():
+            fn(warm)
+        rows = []
+        for case in cases:
+            movies = [simulate(case, seed) for seed in case.seeds]
+            for tool, fn in tools.items():
+                seconds, sq = [], []
+                for movie in movies:
+                    shifts, elapsed = timed(fn, movie)
+                    seconds.append(elapsed)
+                    sq.append(((np.asarray(shifts) - movie.truth_shifts_px) ** 2).sum(axis=1))
+                rows.append({
+                    "tool": tool, "step": "motion", "case": case.name,
+                    "seconds": statistics.median(seconds),
+                    "shift_rmse_px": float(np.sqrt(np.mean(np.concatenate(sq)))),
+                    "shift_rmse_px_per_movie": [round(float(np.sqrt(e.mean())), 4) for e in sq],
+                    "n_movies": len(movies), "n_frames": case.n_frames,
+                    "shape_yx": list(case.shape_yx),
+                })
+                print(f"  {case.name}: {tool} {rows[-1]['seconds']:.2f} s, "
+                      f"RMSE {rows[-1]['shift_rmse_px']:.3f} px", flush=True)
+    return rows
+
+
+def ctf_rows_if_present(*, quick: bool) -> list[dict]:
+    """Rows of ``benchmarks/movie_ctf.py`` (another engineer's), or none when that module is absent."""
+    try:
+        import movie_ctf
+    except ModuleNotFoundError as exc:
+        if exc.name != "movie_ctf":
+            raise
+        print("CTF rows absent: benchmarks/movie_ctf.py (ctf_rows) is not there yet")
+        return []
+    return movie_ctf.ctf_rows(quick=quick)
+
+
+MOTION_COLUMNS = ["case", "tool", "seconds", "shift_rmse_px", "seconds_vs_tomodask", "shift_rmse_px_vs_tomodask"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: run, print the tables, optionally write JSON."""
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--skip-peers", action="store_true", help="tomodask rows only")
+    parser.add_argument("--skip-ctf", action="store_true", help="no CTF rows")
+    args = parser.parse_args(argv)
+    rows = motion_rows(quick=args.quick, peers=not args.skip_peers)
+    print_table(add_ratios(rows, metrics=("seconds", "shift_rmse_px"), group_by=("step", "case")), MOTION_COLUMNS,
+                title="Motion (ratios: row / tomodask; > 1 means slower or less accurate than tomodask)")
+    if not args.skip_ctf:
+        ctf = ctf_rows_if_present(quick=args.quick)
+        if ctf:
+            columns = ["case", "tool", "seconds", "defocus_error_angstrom_median", "seconds_vs_tomodask",
+                       "defocus_error_angstrom_median_vs_tomodask"]
+            print_table(add_ratios(ctf, metrics=("seconds", "defocus_error_angstrom_median"),
+                                   group_by=("step", "case")), columns, title="CTF")
+        rows += ctf
+    if args.json is not None:
+        write_json(args.json, "movie", rows)
+
+
+if __name__ == "__main__":
+    main()
