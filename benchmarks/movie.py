@@ -10,7 +10,9 @@ the error of the zero-mean global frame displacements against the simulator's tr
 
 Tools
     tomodask: :func:`tomodask.kernels.motion.align_frames` with its defaults (B = 150 Å²,
-    5 x 5 patches for local motion) and with B = 500 Å² (the session settings' default);
+    5 x 5 patches for local motion), without local motion (``patches_yx=None``, the
+    counterpart of the peer's global and patch modes) and with B = 500 Å² (the session
+    settings' default);
     its time includes the aligned, even/odd and dose-weighted sums. numpy's BLAS runs
     single-threaded as in a Dask worker; FFTs use all cores (``scipy.fft.set_workers``),
     as torch does by default.
@@ -110,11 +112,11 @@ def simulate(case: Case, seed: int) -> Movie:
 # tools: each returns (t, 2) zero-mean displacements in pixels
 
 
-def tomodask_tool(bfactor: float | None = None) -> Callable[[Movie], np.ndarray]:
+def tomodask_tool(**options) -> Callable[[Movie], np.ndarray]:
+    """align_frames with ``options`` on top of its defaults (sums included in the time)."""
     def run(movie: Movie) -> np.ndarray:
-        kw = {} if bfactor is None else {"bfactor_angstrom2": bfactor}
         al = align_frames(movie.frames_tyx, pixel_size_angstrom=PIXEL_ANGSTROM,
-                          dose_per_frame_e_per_angstrom2=movie.dose_per_frame, **kw)
+                          dose_per_frame_e_per_angstrom2=movie.dose_per_frame, **options)
         return al.shifts_px
     return run
 
@@ -183,7 +185,10 @@ def motion_rows(*, quick: bool, peers: bool = True) -> list[dict]:
     import scipy.fft
 
     tools: dict[str, Callable[[Movie], np.ndarray]] = {
-        "tomodask": tomodask_tool(), "tomodask B=500": tomodask_tool(500.0)}
+        "tomodask": tomodask_tool(),
+        "tomodask global only": tomodask_tool(patches_yx=None),
+        "tomodask B=500": tomodask_tool(bfactor_angstrom2=500.0),
+    }
     if peers:
         tools.update(peer_tools())
     cases = [c for c in CASES if c.quick or not quick]

@@ -2,28 +2,34 @@
 
 The algorithm follows MotionCor2 [1]_ (numpy or cupy, taken from the input):
 
-1. **Global drift.** Frames are binned (block mean) to about the resolution the
-   B-factor keeps, mean-subtracted and edge-tapered. Each frame is cross-correlated with
-   the sum of all *other* aligned frames (no self-correlation of the noise), the product
-   multiplied by ``exp(-B k^2 / 4)``; the peak, refined to sub-pixel by a parabola,
-   updates the frame's shift. The first pass searches a coarse full correlation map;
-   later passes evaluate the correlation on a 5 x 5 stencil around the current estimate
-   directly from the spectra (a small DFT, no inverse FFT). Iterations stop when no
-   shift moves by more than ``tolerance_px``.
-2. **Local motion** (``patches_yx``). The binned frames are cut into overlapping patches
-   (pre-shifted by the global drift), each patch aligned the same way. The patch shifts
-   minus the global drift are fitted with MotionCor2's model, a polynomial in time
-   (t, t², t³, zero-mean over the movie) times a quadratic in (x, y), by weighted least
-   squares whose per-patch weights are re-estimated from the residuals (noisy or
-   featureless patches count less). The model is kept only when an F-test says the
-   spatially varying terms explain the patch shifts better than chance (p < 1e-3):
-   at low dose the patches are mostly noise and a fitted field would only add it.
-3. **Sums.** Without local motion every frame is moved by its global shift (integer
-   part by indexing, fraction by a Fourier phase ramp) and summed in Fourier space. With
-   local motion the image is cut into tiles of ``tile_size_px`` whose borders are
-   blended by a smooth partition of unity; each tile of each frame is moved by the
-   model's shift at the tile centre. The even, odd and dose-weighted sums come out of
-   the same spectra (weights of :func:`tomodask.kernels.dose.dose_weights`).
+1. **Global drift.** The frames' spectra (one ``rfft2`` each, kept for the sums) are
+   Fourier-cropped to a search grid of about the resolution the B-factor keeps
+   (``sqrt(B / 48)`` Å/px: the filter is ``exp(-3)`` at its Nyquist; no aliasing). Each
+   frame is cross-correlated with the sum of all *other* aligned frames (no
+   self-correlation of the noise), the product multiplied by ``exp(-B k^2 / 4)`` with the
+   central cross (streaks of the frame edges and static gradients) left out. The first
+   passes search full correlation maps (at most 256², parabolic sub-pixel peak) until
+   every shift has settled to within a pixel; then Newton steps to the maximum of the
+   continuous correlation, computed from its first and second derivatives at zero (sums
+   over the spectrum, no inverse FFT), refine all frames together. Each update is scaled
+   by ``(t - 1) / t``, which removes the leave-one-out reference's own share of the error
+   in one step. Iterations stop when no shift moves by more than ``tolerance_px``.
+2. **Local motion** (``patches_yx``). The frames, Fourier-binned ``patch_bin`` times
+   coarser, are cut into overlapping, edge-tapered patches (pre-moved by the integer part
+   of the global drift), each patch aligned the same way. The patch shifts minus the
+   global drift are fitted with MotionCor2's model, a polynomial in time (t, t², t³,
+   zero-mean over the movie) times a quadratic in (x, y), by weighted least squares whose
+   per-patch weights are re-estimated from the residuals (noisy or featureless patches
+   count less). The spatially varying part of the model is kept only when an F-test says
+   it explains the patch shifts better than chance (p < 1e-3, F corrected for the
+   patches' overlap), shrunk by the James-Stein factor ``1 - 1/F``: at low dose the
+   patches are mostly noise and a fitted field would only add it.
+3. **Sums.** Without local motion every frame's spectrum is moved by its global shift
+   (a Fourier phase ramp) and summed. With local motion the image is cut into tiles of
+   ``tile_size_px`` whose borders are blended by a smooth partition of unity; each tile
+   of each frame is moved by the drift plus the model's shift at the tile centre (integer
+   part by indexing, fraction by a phase ramp). The even, odd and dose-weighted sums come
+   out of the same spectra (weights of :func:`tomodask.kernels.dose.dose_weights`).
 
 Shifts follow :mod:`tomodask.kernels.geometry`: ``shifts_px[i]`` is the displacement
 ``(dy, dx)`` of frame ``i``'s content, zero-mean over the movie; the sums are aligned to
@@ -100,7 +106,7 @@ class FrameAlignment:
     converged
         True when the last pass moved no frame by more than the tolerance.
     search_pixel_size_angstrom
-        Pixel size of the binned frames the shifts were measured on.
+        Pixel size of the Fourier-cropped frames the global shifts were measured on.
     """
 
     aligned_sum: np.ndarray
@@ -137,18 +143,18 @@ def _fft(xp: ModuleType) -> ModuleType:
     return xp.fft
 
 
-def _phase(fy: np.ndarray, fx: np.ndarray, shifts: np.ndarray, xp: ModuleType) -> np.ndarray:
-    """``exp(+2 pi i k . s)``: multiplying a spectrum by it gives ``image(r + s)``.
+def _shift_spectra(spec: np.ndarray, fy: np.ndarray, fx: np.ndarray, shifts: np.ndarray, xp: ModuleType) -> np.ndarray:
+    """Multiply ``(..., ky, kx)`` spectra by ``exp(+2 pi i k . s)``: the images become ``image(r + s)``.
 
-    ``shifts`` is ``(..., 2)``; the result is ``(..., ky, kx)`` complex64 (built as the
-    outer product of the separable y and x factors: no trigonometry per pixel).
+    ``shifts`` is ``(..., 2)``. The ramp is separable, so it is applied as a y factor and
+    an x factor (no trigonometry and no ramp array per pixel).
     """
     s = xp.asarray(shifts, dtype=xp.float64)
     ay = fy.astype(xp.float64) * s[..., 0, None, None] * _TWO_PI  # (..., ky, 1)
     ax = fx.astype(xp.float64) * s[..., 1, None, None] * _TWO_PI  # (..., 1, kx)
     py = (xp.cos(ay) + 1j * xp.sin(ay)).astype(xp.complex64)
     px = (xp.cos(ax) + 1j * xp.sin(ax)).astype(xp.complex64)
-    return py * px
+    return spec * py * px
 
 
 def _taper(shape_yx: tuple[int, int], xp: ModuleType, fraction: float = 0.05) -> np.ndarray:
@@ -312,6 +318,49 @@ def _newton_step(sums: np.ndarray, xp: ModuleType) -> tuple[np.ndarray, np.ndarr
     return xp.stack([dy, dx], axis=-1), ok
 
 
+def _recentre(shifts: np.ndarray, max_shift_px: float, xp: ModuleType) -> np.ndarray:
+    """Zero-mean over frames, each displacement limited to ``max_shift_px``."""
+    shifts = shifts - shifts.mean(axis=-2, keepdims=True)
+    norm = xp.sqrt((shifts**2).sum(axis=-1))
+    over = norm > max_shift_px
+    if bool(over.any()):
+        shifts = xp.where(over[..., None], shifts * (max_shift_px / xp.maximum(norm, 1e-9))[..., None], shifts)
+    return shifts
+
+
+def _coarse_alignment(spec, shape_yx, filt, power, shifts, *, max_passes, max_shift_px, xp):
+    """Full-map passes (leave-one-out reference) until every shift has settled to within a pixel.
+
+    Returns the shifts, the first pass's ``(..., t)`` peak SNR, the passes run and the
+    B-filtered power of the aligned sum (larger is better aligned).
+    """
+    n_t = spec.shape[-3]
+    gain = (n_t - 1) / n_t
+    fy, fx = frequency_grid(shape_yx, xp=xp)
+    snr = None
+    passes = 0
+    while passes < max_passes:
+        passes += 1
+        aligned = _shift_spectra(spec, fy, fx, shifts, xp)
+        q = aligned * (xp.conj(aligned.sum(axis=-3, keepdims=True)) * filt)
+        step, peak_snr = _coarse_peak(q - power, shape_yx, max_shift_px, xp)
+        snr = peak_snr if snr is None else snr
+        shifts = _recentre(shifts + step * gain, max_shift_px, xp)
+        if float(xp.abs(step).max()) <= 1.0:
+            break
+    total = _shift_spectra(spec, fy, fx, shifts, xp).sum(axis=-3)
+    objective = float(((total.real**2 + total.imag**2) * filt).sum())
+    return shifts, snr, passes, objective
+
+
+def _chained_shifts(spec, shape_yx, filt, max_shift_px, xp):
+    """Initial trajectory from each frame's correlation with the previous one (for large drifts)."""
+    q = spec[..., 1:, :, :] * xp.conj(spec[..., :-1, :, :]) * filt
+    steps, _ = _coarse_peak(q, shape_yx, max_shift_px, xp)
+    zero = xp.zeros(steps.shape[:-2] + (1, 2), dtype=steps.dtype)
+    return xp.concatenate([zero, xp.cumsum(steps, axis=-2)], axis=-2)
+
+
 def _iterative_alignment(
     spec: np.ndarray,
     shape_yx: tuple[int, int],
@@ -327,49 +376,56 @@ def _iterative_alignment(
     """Align ``(..., t, ky, kx)`` spectra, each frame against the sum of the others.
 
     Returns ``(..., t, 2)`` zero-mean displacements, iterations run, convergence flag and
-    (when ``coarse_first``) the first pass's ``(..., t)`` peak SNR.
+    (when ``coarse_first``) the first full-map pass's ``(..., t)`` peak SNR.
 
     Notes
     -----
+    With ``coarse_first`` the full-map passes start from ``initial_shifts`` and from the
+    trajectory chained from neighbouring frames; the start whose aligned sum has the
+    most (B-filtered) power is refined. A frame far from the others otherwise matches
+    the reference at the wrong one of its several peaks.
+
     The product with the leave-one-out reference is ``A conj(T - A) = A conj(T) - |A|^2``
     (``T`` the sum of all aligned frames); ``|A|^2`` does not change with the shifts, so
-    its derivative sums are computed once and each pass costs a phase ramp, one product
-    with ``conj(T)`` and one matrix product.
+    its derivative sums are computed once and each Newton pass costs a phase ramp, one
+    product with ``conj(T)`` and one matrix product.
     """
     n_t = spec.shape[-3]
     fy, fx = frequency_grid(shape_yx, xp=xp)
-    shifts = xp.asarray(initial_shifts, dtype=xp.float64)
-    shifts = shifts - shifts.mean(axis=-2, keepdims=True)
+    shifts = _recentre(xp.asarray(initial_shifts, dtype=xp.float64), max_shift_px, xp)
     gain = (n_t - 1) / n_t  # one-step correction: frame i's error relative to the others is n/(n-1) its own
     power = (spec.real**2 + spec.imag**2) * filt  # |A|^2 filt, independent of the shifts
-    self_sums = _derivative_sums(power.astype(xp.complex64), shape_yx, xp)
     snr = None
-    converged = False
-    coarse = coarse_first
-    max_coarse = max(1, max_iterations // 2)
     it = 0
-    for it in range(1, max_iterations + 1):
-        aligned = spec * _phase(fy, fx, shifts, xp)
-        total = aligned.sum(axis=-3, keepdims=True)
-        q = aligned * (xp.conj(total) * filt)
-        if coarse:  # full correlation maps until the shifts settle to within a pixel
-            step, peak_snr = _coarse_peak(q - power, shape_yx, max_shift_px, xp)
-            snr = peak_snr if snr is None else snr
-            coarse = it < max_coarse and float(xp.abs(step).max()) > gain
-        else:
-            step, ok = _newton_step(_derivative_sums(q, shape_yx, xp) - self_sums, xp)
-            bad = ~ok | (xp.abs(step).max(axis=-1) > 1.0)
-            if bool(bad.any()):  # far from a maximum: move to the best point of a 5 x 5 stencil
-                moved, _ = _stencil_peak(_stencil_cc(q[bad] - power[bad], shape_yx, 2, xp), xp)
-                step[bad] = moved
-        step = step * gain
-        shifts = shifts + step
-        shifts = shifts - shifts.mean(axis=-2, keepdims=True)
-        norm = xp.sqrt((shifts**2).sum(axis=-1))
-        over = norm > max_shift_px
-        if bool(over.any()):
-            shifts = xp.where(over[..., None], shifts * (max_shift_px / xp.maximum(norm, 1e-9))[..., None], shifts)
-        if float(xp.abs(step).max()) < tolerance_px and not coarse:
+    if coarse_first:  # on at most 256 x 256 (Fourier-cropped): a pixel of precision is all it needs
+        cshape = (min(shape_yx[0], 256), min(shape_yx[1], 256))
+        scale = np.array([cshape[0] / shape_yx[0], cshape[1] / shape_yx[1]])
+        cspec, cfilt, cpower = (_crop_spectrum(a, shape_yx, cshape, xp) for a in (spec, filt, power))
+        cmax = max_shift_px * float(scale.min())
+        passes = max(1, max_iterations // 2)
+        coarse, snr, it, best = _coarse_alignment(cspec, cshape, cfilt, cpower, shifts * xp.asarray(scale),
+                                                  max_passes=passes, max_shift_px=cmax, xp=xp)
+        if n_t > 2:
+            chained = _recentre(_chained_shifts(cspec, cshape, cfilt, cmax, xp), cmax, xp)
+            alt, _, alt_it, objective = _coarse_alignment(cspec, cshape, cfilt, cpower, chained, max_passes=passes,
+                                                          max_shift_px=cmax, xp=xp)
+            if objective > best:
+                coarse, it = alt, alt_it
+        shifts = coarse / xp.asarray(scale)
+        del cspec, cpower
+    self_sums = _derivative_sums(power.astype(xp.complex64), shape_yx, xp)
+    converged = False
+    while it < max_iterations:
+        it += 1
+        aligned = _shift_spectra(spec, fy, fx, shifts, xp)
+        q = aligned * (xp.conj(aligned.sum(axis=-3, keepdims=True)) * filt)
+        step, ok = _newton_step(_derivative_sums(q, shape_yx, xp) - self_sums, xp)
+        bad = ~ok | (xp.abs(step).max(axis=-1) > 1.0)
+        if bool(bad.any()):  # far from a maximum: move to the best point of a 5 x 5 stencil
+            moved, _ = _stencil_peak(_stencil_cc(q[bad] - power[bad], shape_yx, 2, xp), xp)
+            step[bad] = moved
+        shifts = _recentre(shifts + step * gain, max_shift_px, xp)
+        if float(xp.abs(step).max()) < tolerance_px:
             converged = True
             break
     return shifts, it, converged, snr
@@ -524,7 +580,7 @@ def _sums_global(spectra, shape_yx, shifts_px, weight_fn, xp, chunk: int = 4):
     sums: dict = {}
     for start in range(0, n_t, chunk):
         idx = np.arange(start, min(start + chunk, n_t))
-        _accumulate(spectra[start: idx[-1] + 1] * _phase(fy, fx, shifts_px[idx], xp), idx,
+        _accumulate(_shift_spectra(spectra[start: idx[-1] + 1], fy, fx, shifts_px[idx], xp), idx,
                     weight_fn(shape_yx, idx), sums, xp)
     fft = _fft(xp)
     return {k: fft.irfft2(v, s=shape_yx).astype(xp.float32) for k, v in sums.items()}
@@ -579,7 +635,7 @@ def _sums_tiled(frames, shift_at, weight_fn, xp, tile_px: int, overlap_px: int =
             s = shift_at(0.5 * (y0 + y1 - 1), 0.5 * (x0 + x1 - 1))
             moved, frac = _moved_regions(frames, (oy, ox), (ty, tx), s, means, xp)
             sums: dict = {}
-            _accumulate(fft.rfft2(moved) * _phase(fy, fx, frac, xp), index, weights, sums, xp)
+            _accumulate(_shift_spectra(fft.rfft2(moved), fy, fx, frac, xp), index, weights, sums, xp)
             # output rows/columns this tile contributes to (its weight is zero elsewhere)
             ry = np.nonzero(wy[ky])[0]
             rx = np.nonzero(wx[kx])[0]
@@ -633,7 +689,7 @@ def _check_frames(frames_tyx, xp) -> None:
                          "add a leading axis for a single frame (frames[None])")
     if min(frames_tyx.shape[1:]) < 16:
         raise ValueError(f"frames of shape {frames_tyx.shape[1:]} are too small to align (need >= 16 px)")
-    if xp.issubdtype(frames_tyx.dtype, xp.floating) and not bool(xp.isfinite(frames_tyx).all()):
+    if np.issubdtype(frames_tyx.dtype, np.floating) and not bool(xp.isfinite(frames_tyx).all()):
         bad = int((~xp.isfinite(frames_tyx)).sum())
         raise ValueError(f"frames hold {bad} NaN or infinite values; check the movie file and the gain "
                          "reference (apply_gain) before aligning")
@@ -654,6 +710,7 @@ def align_frames(
     max_search_size_px: int = 1024,
     max_shift_fraction: float = 0.2,
     patch_overlap: float = 0.5,
+    patch_bin: float = 1.5,
     local_motion_p_value: float = 1e-3,
     tile_size_px: int = 256,
     early_frames: int | None = None,
@@ -689,13 +746,16 @@ def align_frames(
         grid) below which they stop.
     search_pixel_size_angstrom
         Pixel size shifts are measured at (default ``sqrt(B / 48)``, where the filter has
-        fallen to ``exp(-3)`` at Nyquist, and no finer than the frames).
+        fallen to ``exp(-3)`` at Nyquist, and no finer than the frames). The global
+        search needs no real-space frames: the frames' spectra are cropped.
     max_search_size_px
         Bin further so that the search frames are at most this large.
     max_shift_fraction
         Largest displacement searched, as a fraction of the smaller frame side.
     patch_overlap
         Patches are ``(1 + patch_overlap)`` times the grid spacing.
+    patch_bin
+        Patches are measured on a grid this much coarser than the global search.
     local_motion_p_value
         Significance level of the F-test that keeps the local model.
     tile_size_px
@@ -763,16 +823,18 @@ def align_frames(
     scale = max(1.0, target / pixel_size_angstrom, max(ny, nx) / max_search_size_px)
     by, bx = (min(n, max(16, 2 * int(round(n / scale / 2)))) for n in (ny, nx))
     factor = np.array([ny / by, nx / bx])  # input pixels per search pixel, along y and x
-    binned = fft.irfft2(_crop_spectrum(spectra, (ny, nx), (by, bx), xp), s=(by, bx)).astype(xp.float32)
     bfilt_px2 = bfactor_angstrom2 / (pixel_size_angstrom * float(factor.mean())) ** 2
     filt = gaussian_bfactor_filter((by, bx), bfilt_px2, xp=xp)
-    filt[0, 0] = 0.0
+    # the central cross holds the streaks of each frame's (fixed) edges and of static gradients: left out
+    filt[0, :] = 0.0
+    filt[:, 0] = 0.0
+    search_spec = _crop_spectrum(spectra, (ny, nx), (by, bx), xp) * xp.float32(by * bx / (ny * nx))
     max_shift = max_shift_fraction * min(by, bx)
 
     # ---- global drift
     if n_t > 1:
         shifts_b, n_iter, converged, snr = _iterative_alignment(
-            _spectra(binned, xp), (by, bx), filt, initial_shifts=np.zeros((n_t, 2)),
+            search_spec, (by, bx), filt, initial_shifts=np.zeros((n_t, 2)),
             max_iterations=max_iterations, tolerance_px=tolerance_px, max_shift_px=max_shift, coarse_first=True,
             xp=xp)
         shifts_px = to_numpy(shifts_b) * factor
@@ -785,14 +847,19 @@ def align_frames(
     model = None
     local_shifts = patch_shifts = centers = None
     if patches_yx is not None and n_t > 3:
+        # patches are cut from frames Fourier-binned to a grid patch_bin coarser than the global search
+        ly, lx = (min(n, max(16, 2 * int(round(m / patch_bin / 2)))) for n, m in ((ny, by), (nx, bx)))
+        binned = fft.irfft2(_crop_spectrum(spectra, (ny, nx), (ly, lx), xp), s=(ly, lx)).astype(xp.float32)
+        factor = np.array([ny / ly, nx / lx])
+        patch_px_size = pixel_size_angstrom * float(factor.mean())
         model, patch_shifts, centers = _local_motion(
-            binned, shifts_px / factor, factor, filt_bfactor_px2=bfilt_px2,
+            binned, shifts_px / factor, factor, filt_bfactor_px2=bfactor_angstrom2 / patch_px_size**2,
             grid_yx=tuple(int(g) for g in patches_yx), overlap=patch_overlap, max_iterations=max_iterations,
             tolerance_px=tolerance_px, p_value=local_motion_p_value, shape_yx=(ny, nx), xp=xp)
         gy, gx = centers.shape[:2]
         local = model.evaluate(centers[..., 0].ravel(), centers[..., 1].ravel()) if model.significant else 0.0
         local_shifts = (shifts_px[:, None, :] + np.zeros((1, gy * gx, 1)) + local).reshape(n_t, gy, gx, 2)
-    del binned
+        del binned
 
     # ---- sums
     if model is not None and model.significant:
