@@ -27,7 +27,7 @@ Tools
 
 Run::
 
-    python benchmarks/movie.py [--quick] [--json OUT.json] [--skip-peers] [--skip-ctf]
+    python benchmarks/movie.py [--quick] [--json OUT.json] [--skip-peers] [--skip-ctf] [--case TEXT]
 
 ``--quick`` runs the 512² and 1024² cases; without it the full detector sizes are added
 (4096² x 40 frames and 5760 x 4092 x 10 frames: slow to simulate and to align on a CPU).
@@ -180,8 +180,11 @@ def peer_tools() -> dict[str, Callable[[Movie], np.ndarray]]:
 # ---------------------------------------------------------------------------------------
 
 
-def motion_rows(*, quick: bool, peers: bool = True) -> list[dict]:
-    """Align every case's movies with every tool; one row per (tool, case)."""
+def motion_rows(*, quick: bool, peers: bool = True, only: str | None = None) -> list[dict]:
+    """Align every case's movies with every tool; one row per (tool, case).
+
+    ``only`` keeps the cases whose name contains it (e.g. ``"5760"``).
+    """
     import scipy.fft
 
     tools: dict[str, Callable[[Movie], np.ndarray]] = {
@@ -191,7 +194,7 @@ def motion_rows(*, quick: bool, peers: bool = True) -> list[dict]:
     }
     if peers:
         tools.update(peer_tools())
-    cases = [c for c in CASES if c.quick or not quick]
+    cases = [c for c in CASES if (c.quick or not quick) and (only is None or only in c.name)]
     warm = simulate(Case("warm-up", (512, 512), 0.0, seeds=(99,)), 99)
     with scipy.fft.set_workers(os.cpu_count() or 1):  # the same cores torch uses by default
         for fn in tools.values():
@@ -238,8 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--skip-peers", action="store_true", help="tomodask rows only")
     parser.add_argument("--skip-ctf", action="store_true", help="no CTF rows")
+    parser.add_argument("--case", default=None, help="only the motion cases whose name contains this text")
     args = parser.parse_args(argv)
-    rows = motion_rows(quick=args.quick, peers=not args.skip_peers)
+    rows = motion_rows(quick=args.quick, peers=not args.skip_peers, only=args.case)
     print_table(add_ratios(rows, metrics=("seconds", "shift_rmse_px"), group_by=("step", "case")), MOTION_COLUMNS,
                 title="Motion (ratios: row / tomodask; > 1 means slower or less accurate than tomodask)")
     if not args.skip_ctf:

@@ -107,6 +107,9 @@ class FrameAlignment:
         True when the last pass moved no frame by more than the tolerance.
     search_pixel_size_angstrom
         Pixel size of the Fourier-cropped frames the global shifts were measured on.
+    extra
+        Diagnostics: ``local_f_statistic`` (F of the local model's spatial terms, corrected
+        for patch overlap; None without patches) and ``search_shape_yx``.
     """
 
     aligned_sum: np.ndarray
@@ -578,10 +581,12 @@ def _sums_global(spectra, shape_yx, shifts_px, weight_fn, xp, chunk: int = 4):
     n_t = spectra.shape[0]
     fy, fx = frequency_grid(shape_yx, xp=xp)
     sums: dict = {}
+    # all weights at once unless they would take more than 256 MB
+    every = weight_fn(shape_yx, np.arange(n_t)) if spectra[0].size * n_t <= 64_000_000 else None
     for start in range(0, n_t, chunk):
         idx = np.arange(start, min(start + chunk, n_t))
-        _accumulate(_shift_spectra(spectra[start: idx[-1] + 1], fy, fx, shifts_px[idx], xp), idx,
-                    weight_fn(shape_yx, idx), sums, xp)
+        weights = weight_fn(shape_yx, idx) if every is None else every[start: idx[-1] + 1]
+        _accumulate(_shift_spectra(spectra[start: idx[-1] + 1], fy, fx, shifts_px[idx], xp), idx, weights, sums, xp)
     fft = _fft(xp)
     return {k: fft.irfft2(v, s=shape_yx).astype(xp.float32) for k, v in sums.items()}
 
