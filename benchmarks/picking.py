@@ -17,7 +17,7 @@ Tools
     ``blob_log`` (3D): on the sign-flipped tomogram (particles bright) scaled to zero median
     and unit standard deviation, ``overlap=0.5``, ``exclude_border`` one radius; its sigma
     range (``r / sqrt(3)``, the LoG optimum for a sphere of radius ``r`` voxels, alone or
-    0.8-1.2 times it in 3 scales) and its ``threshold`` (7 values, 0.2-0.8) are chosen for
+    0.8-1.2 times it in 3 scales) and its ``threshold`` (13 values, 0.2-0.8) are chosen for
     the best F1 on a separate tuning tomogram at the same dose (seed 101), never on the test
     ones.
     pytom-match-pick is GPU-only (CUDA via cupy) and this machine has no GPU, so it has no
@@ -101,7 +101,7 @@ def simulated_tomogram(seed: int, *, size_px: int = 384, pixel_size_angstrom: fl
                        output_pixel_size_angstrom: float = 8.0, thickness_angstrom: float = 1000.0,
                        thickness_px: int = 160, particle_radius_angstrom: float = 90.0,
                        n_particles: int = 20, n_gold: int = 4, **spec_fields) -> PickingCase:
-    """Simulate an aligned tilt-series at the default dose and reconstruct it.
+    """Simulate an aligned tilt-series (the default dose unless given) and reconstruct it.
 
     Truth positions account for the binning: Fourier cropping keeps image index 0 fixed, so
     original index ``i`` lands at binned index ``i * n_out / n_in``.
@@ -137,7 +137,7 @@ def simulated_tomogram(seed: int, *, size_px: int = 384, pixel_size_angstrom: fl
 #: ``r / sqrt(3)`` for a sphere of radius ``r`` voxels, and the number of scales.
 BLOB_LOG_SIGMAS = ((1.0, 1.0, 1), (0.8, 1.2, 3))
 #: ``blob_log`` thresholds tried in tuning (on the tomogram scaled to zero median, unit std).
-BLOB_LOG_THRESHOLDS = tuple(np.round(np.geomspace(0.2, 0.8, 7), 3))
+BLOB_LOG_THRESHOLDS = tuple(np.round(np.geomspace(0.2, 0.8, 13), 3))
 
 
 def run_blob_log(case: PickingCase, setting: tuple[float, tuple[float, float, int]]) -> np.ndarray:

@@ -29,6 +29,7 @@ from scipy.spatial import cKDTree
 
 from tomodask.backend import get_array_module, scipy_ndimage, to_numpy
 from tomodask.kernels.fourier import irfftn, rfftn, squared_frequency_3d
+from tomodask.kernels.template_matching import match_template, matched_filter, sphere_template
 
 METHODS = ("size", "template")
 POLARITIES = ("dark", "bright")
@@ -540,8 +541,8 @@ def automatic_threshold(candidate_scores: np.ndarray, *, noise_floor: float) -> 
     return float(max(noise_floor, otsu_threshold(s)))
 
 
-def _normalise(tomogram_zyx: np.ndarray, polarity: str) -> tuple[np.ndarray, float]:
-    """Zero median, unit robust noise, density positive; returns (volume, noise of blur-1)."""
+def _normalise(tomogram_zyx: np.ndarray, polarity: str) -> np.ndarray:
+    """Zero median, unit robust standard deviation, density positive."""
     xp = get_array_module(tomogram_zyx)
     vol = tomogram_zyx.astype(xp.float32)
     step = max(1, vol.size // 500_000)
@@ -551,7 +552,20 @@ def _normalise(tomogram_zyx: np.ndarray, polarity: str) -> tuple[np.ndarray, flo
     sigma = robust_sigma(vol)
     if sigma <= 0:
         raise ValueError("the tomogram is constant; nothing can be picked")
-    return vol / np.float32(sigma), sigma
+    return vol / np.float32(sigma)
+
+
+def _interior_mask(shape: tuple[int, int, int], edge_px: float, xp: ModuleType) -> np.ndarray:
+    """True farther than ``edge_px`` voxels from every face of the volume."""
+    valid = xp.ones(shape, dtype=bool)
+    e = int(np.ceil(edge_px))
+    for axis, n in enumerate(shape):
+        idx = [slice(None)] * 3
+        idx[axis] = slice(0, min(e, n))
+        valid[tuple(idx)] = False
+        idx[axis] = slice(max(n - e, 0), n)
+        valid[tuple(idx)] = False
+    return valid
 
 
 def pick_particles(
@@ -596,15 +610,20 @@ def pick_particles(
     threshold
         Score threshold; None chooses one automatically (see :func:`automatic_threshold`).
     template_zyx
-        ``(d, h, w)`` template at the tomogram's voxel size and polarity-independent
-        (density positive), template mode only.
+        ``(d, h, w)`` template at the tomogram's voxel size, centred on voxel ``n // 2``,
+        with protein positive whatever ``polarity`` says about the tomogram; template
+        mode only.
     template_mask_zyx
         ``(d, h, w)`` mask of the template (default: a sphere enclosing it).
     angular_step_deg
-        Angular sampling of template rotations.
+        Angular sampling of template rotations (:func:`~tomodask.kernels.template_matching.rotation_set`):
+        about ``4 pi / step^2`` axis directions times ``360 / step`` in-plane angles, fewer
+        for templates found to be axially or spherically symmetric. Each rotation costs
+        two FFTs of the tomogram.
     tilt_range_deg
         ``(min, max)`` tilt range of the tilt-series, for the missing wedge applied to the
-        template (template mode and position refinement); None for no wedge.
+        template (template mode and position refinement); None for no wedge. The default
+        is the usual ±60°.
     polarity
         ``"dark"``: particles are darker than the ice (tomograms reconstructed from
         intensity images, the usual case); ``"bright"``: density is positive.
@@ -669,7 +688,7 @@ def pick_particles(
     excl_px = (gold_exclusion_angstrom if gold_exclusion_angstrom is not None
                else particle_radius_angstrom) / pixel_size_angstrom
 
-    vol, _ = _normalise(tomogram_zyx, polarity)
+    vol = _normalise(tomogram_zyx, polarity)
     if gold_mask:
         gold = detect_gold(vol, blur_px=max(1.0, 0.2 * r_px), gold_sigma=gold_sigma, exclusion_px=excl_px)
         vol = xp.where(gold.mask, np.float32(0.0), vol)
@@ -681,33 +700,22 @@ def pick_particles(
 
     rotations = None
     best_rotation = None
+    band = None
+    if method == "size" or slab_mask:
+        band = difference_of_gaussians(vol, sigma_low_px=DOG_SIGMA_LOW_PER_RADIUS * r_px,
+                                       sigma_high_px=DOG_SIGMA_HIGH_PER_RADIUS * r_px)
     if method == "size":
-        score = difference_of_gaussians(vol, sigma_low_px=DOG_SIGMA_LOW_PER_RADIUS * r_px,
-                                        sigma_high_px=DOG_SIGMA_HIGH_PER_RADIUS * r_px)
-        band = score
+        score = band
         floor_sigma = 5.0 if noise_floor_sigma is None else noise_floor_sigma
     else:
-        from tomodask.kernels.template_matching import match_template, sphere_template
-
         if template_zyx is None:
             template_zyx = sphere_template(radius_px=r_px, xp=xp)
         result = match_template(vol, xp.asarray(template_zyx), mask_zyx=template_mask_zyx,
                                 angular_step_deg=angular_step_deg, tilt_range_deg=tilt_range_deg)
         score, best_rotation, rotations = result.scores_zyx, result.best_rotation_index_zyx, result.rotations
-        band = difference_of_gaussians(vol, sigma_low_px=DOG_SIGMA_LOW_PER_RADIUS * r_px,
-                                       sigma_high_px=DOG_SIGMA_HIGH_PER_RADIUS * r_px)
         floor_sigma = 6.0 if noise_floor_sigma is None else noise_floor_sigma
 
-    valid = xp.ones(shape, dtype=bool)
-    e = int(np.ceil(edge_px))
-    if e > 0:
-        for axis, n in enumerate(shape):
-            idx = [slice(None)] * 3
-            idx[axis] = slice(0, min(e, n))
-            valid[tuple(idx)] = False
-            idx[axis] = slice(max(n - e, 0), n)
-            valid[tuple(idx)] = False
-    valid &= ~near_gold
+    valid = _interior_mask(shape, edge_px, xp) & ~near_gold
     slab = (0, shape[0])
     if slab_mask:
         slab = estimate_slab_z_range(band, valid_zyx=valid, margin_px=r_px)
@@ -732,8 +740,6 @@ def pick_particles(
         keep &= np.arange(len(keep)) < max_picks
     sel, sel_scores = coords[keep], cand_scores[keep]
     if method == "size" and refine_positions:
-        from tomodask.kernels.template_matching import matched_filter, sphere_template
-
         fine = matched_filter(vol, sphere_template(r_px, xp=xp), tilt_range_deg=tilt_range_deg)
         zyx = refine_peaks(fine, sel, search_radius_px=0.5 * r_px)
     else:

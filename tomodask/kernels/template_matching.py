@@ -229,8 +229,8 @@ def rotate_volume(volume_zyx: np.ndarray, matrix_xyz: np.ndarray, *, order: int 
     inverse_zyx = flip @ np.asarray(matrix_xyz, dtype=np.float64).T @ flip
     centre = (np.array(volume_zyx.shape) // 2).astype(np.float64)
     offset = centre - inverse_zyx @ centre
-    return ndi.affine_transform(volume_zyx.astype(xp.float32), xp.asarray(inverse_zyx), offset=xp.asarray(offset),
-                                order=order, mode="constant", cval=0.0)
+    return ndi.affine_transform(volume_zyx.astype(xp.float32), xp.asarray(inverse_zyx),
+                                offset=tuple(float(o) for o in offset), order=order, mode="constant", cval=0.0)
 
 
 def detect_symmetry(template_zyx: np.ndarray, *, tolerance: float = 0.05) -> str:
