@@ -105,7 +105,9 @@ def apply_gain(
                          f"{hint}")
     if not bool(xp.isfinite(g).all()):
         raise ValueError("the gain reference holds NaN or infinite values; fix or re-record it")
-    return frames_tyx.astype(xp.float32) * g.astype(xp.float32)
+    out = frames_tyx.astype(xp.float32)  # a new array: multiplied in place (one movie-sized buffer)
+    out *= g.astype(xp.float32)
+    return out
 
 
 def _neighbour_mean(image_yx: np.ndarray, good_yx: np.ndarray, size: int) -> np.ndarray:
@@ -163,7 +165,7 @@ def find_defect_pixels(
     """
     xp = get_array_module(frames)
     if frames.ndim == 3:
-        total = frames.astype(xp.float32).sum(axis=0)
+        total = frames.sum(axis=0, dtype=xp.float32)
     elif frames.ndim == 2:
         total = frames.astype(xp.float32)
     else:
