@@ -23,18 +23,18 @@ Install the peer with ``pip install torch==2.13.0`` first, then
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, as a script or imported
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tomodask from the checkout
+
+from _common import print_table, timed, write_json  # noqa: E402
 
 from tomodask.kernels.ctf import estimate_ctf  # noqa: E402
 from tomodask.simulate import simulate_single_tilt  # noqa: E402
@@ -180,7 +180,8 @@ def ctf_rows(*, quick: bool) -> list[dict]:
     list of dict
         ``tool``, ``step`` ("ctf"), ``case``, ``seconds`` (median per image),
         ``defocus_error_angstrom_median`` (median absolute error of the mean defocus),
-        ``defocus_errors_angstrom`` (each image), ``n_images``, ``image_size_px``.
+        ``defocus_error_angstrom_rms``, ``defocus_errors_angstrom`` (each image),
+        ``n_images``, ``image_size_px``.
     """
     cases = [c for c in CASES if c.name in QUICK_CASES] if quick else list(CASES)
     warm, _ = simulate(cases[0], 99, 1024)
@@ -193,41 +194,38 @@ def ctf_rows(*, quick: bool) -> list[dict]:
         for tool, fn in TOOLS.items():
             seconds, errors = [], []
             for image, truth in images:
-                t0 = time.perf_counter()
-                estimate = fn(image, case)
-                seconds.append(time.perf_counter() - t0)
+                estimate, elapsed = timed(fn, image, case)
+                seconds.append(elapsed)
                 errors.append(estimate - truth)
             rows.append({
                 "tool": tool, "step": "ctf", "case": case.name,
                 "seconds": statistics.median(seconds),
                 "defocus_error_angstrom_median": statistics.median(abs(e) for e in errors),
+                "defocus_error_angstrom_rms": float(np.sqrt(np.mean(np.square(errors)))),
                 "defocus_errors_angstrom": [round(e, 1) for e in errors],
                 "n_images": len(images), "image_size_px": case.size_px,
             })
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """Markdown table: per case, both tools, and peer / tomodask ratios."""
-    lines = [
-        "| case | tool | s / image | median defocus error (Å) | time ratio peer/ours | error ratio peer/ours |",
-        "|---|---|---|---|---|---|",
-    ]
-    by_case: dict[str, dict[str, dict]] = {}
+def display_rows(rows: list[dict]) -> list[dict]:
+    """Rows for the printed table, with the peer's time and median error as ratios to ours."""
+    ours_by_case = {r["case"]: r for r in rows if r["tool"] == "tomodask"}
+    out = []
     for r in rows:
-        by_case.setdefault(r["case"], {})[r["tool"]] = r
-    for case, tools in by_case.items():
-        o = tools.get("tomodask")
-        for tool, r in tools.items():
-            ratio_t = ratio_e = ""
-            if tool == "torch-ctf-estimation" and o is not None:
-                ratio_t = f"{r['seconds'] / max(o['seconds'], 1e-9):.1f}x"
-                ratio_e = f"{r['defocus_error_angstrom_median'] / max(o['defocus_error_angstrom_median'], 1e-9):.2f}"
-            lines.append(
-                f"| {case} | {tool} | {r['seconds']:.2f} | {r['defocus_error_angstrom_median']:.0f} "
-                f"| {ratio_t} | {ratio_e} |"
-            )
-    return "\n".join(lines)
+        d = {k: r[k] for k in ("case", "tool", "seconds", "defocus_error_angstrom_median",
+                                "defocus_error_angstrom_rms", "n_images")}
+        o = ours_by_case.get(r["case"])
+        if r["tool"] != "tomodask" and o is not None:
+            d["time_ratio_peer_over_ours"] = r["seconds"] / max(o["seconds"], 1e-9)
+            d["error_ratio_peer_over_ours"] = r["defocus_error_angstrom_median"] / max(
+                o["defocus_error_angstrom_median"], 1e-9)
+        out.append(d)
+    return out
+
+
+TABLE_COLUMNS = ["case", "tool", "n_images", "seconds", "defocus_error_angstrom_median",
+                 "defocus_error_angstrom_rms", "time_ratio_peer_over_ours", "error_ratio_peer_over_ours"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -237,9 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = parser.parse_args(argv)
     rows = ctf_rows(quick=args.quick)
-    print(format_table(rows))
+    print_table(display_rows(rows), TABLE_COLUMNS)
     if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=2))
+        write_json(args.json, "movie_ctf", rows)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,12 @@ The steps:
    so a batch of candidate CTFs is scored in one vectorised evaluation of
    :func:`~tomodask.kernels.ctf_model.ctf_from_polar`.
 3. **1D search.** The rotational averages of the strips (divided by a smooth log-power
-   background) are high-pass filtered and correlated with equally filtered CTF² models
-   at every candidate defocus (and phase shift) of the search range, the strips jointly
-   with their offsets. A finer search around the best candidate follows.
+   background) and the CTF² models are both stripped of what a smooth cubic spline in
+   frequency explains (a projection, so data and models are treated alike and the rings
+   are not absorbed by the background), and correlated at every candidate defocus (and
+   phase shift) of the search range, the strips jointly with their offsets; each model
+   is tried with a family of ring envelopes so that noise beyond the visible rings does
+   not swamp the score. A finer search around the best candidate follows.
 4. **Background and envelope.** With that defocus, the cell spectra are fitted as
    ``B(k) + E(k) CTF²`` with cubic splines ``B`` and ``E`` (linear least squares). The
    normalised data ``(S - B) / B`` are then compared with the model ``(E / B) CTF²``:
@@ -258,7 +261,7 @@ def estimate_ctf(
     ``(S - B) / B - w / 2`` and ``w (CTF² - 1/2)`` with ``w = E / B``, the strips jointly,
     each at its own defocus offset. Work is proportional to the number of tiles (FFTs)
     plus a few hundred thousand model evaluations per candidate batch; the spectra are
-    cropped to the fit range, so a 4k image costs about one second on one CPU core.
+    cropped to the fit range, so a 4k image costs one to two seconds on one CPU core.
 
     References
     ----------
