@@ -715,11 +715,46 @@ def _normalised(cells: _Cells, background: Any, contrast: Any) -> Any:
     return (cells.spectrum - b) / b - 0.5 * contrast[cells.rbin][None, :]
 
 
+@dataclass(frozen=True)
+class _RadialSmoother:
+    """Weighted radial profiles of cell arrays and their smooth (spline) part."""
+
+    bounds: Any  # (n_rbins + 1,) cell index where each radial bin starts (cells sorted by bin)
+    wsum: Any  # (S, n_rbins) weight per strip and radial bin
+    smooth: Any  # (n_rbins, n_rbins) maps a radial profile to its weighted spline fit
+
+    @classmethod
+    def of(cls, cells: _Cells) -> _RadialSmoother:
+        xp = get_array_module(cells.weight)
+        rbin = to_numpy(cells.rbin)
+        bounds = np.searchsorted(rbin, np.arange(cells.n_rbins + 1))
+        wsum = _group_sum(cells.weight, cells.rbin, cells.n_rbins).astype(xp.float32)
+        comp = _smooth_complement(cells.k_rbin, to_numpy(wsum.sum(0)))
+        return cls(xp.asarray(bounds), wsum, xp.asarray(np.eye(cells.n_rbins) - comp, dtype=xp.float32))
+
+    def profile(self, weighted: Any) -> Any:
+        """Radial means of an ``(..., S, N)`` array already multiplied by the weights."""
+        xp = get_array_module(weighted)
+        cs = xp.cumsum(weighted, axis=-1)
+        cs = xp.concatenate([xp.zeros(cs.shape[:-1] + (1,), dtype=cs.dtype), cs], axis=-1)
+        return (cs[..., self.bounds[1:]] - cs[..., self.bounds[:-1]]) / xp.maximum(self.wsum, 1e-30)
+
+    def remove(self, values: Any, weights: Any, rbin: Any) -> Any:
+        """``values`` minus the smooth spline fit of its radial profile."""
+        prof = self.profile(weights * values)
+        return values - (prof @ self.smooth.T)[..., rbin]
+
+
 def _score_batch(
     cells: _Cells, optics: _Optics, delta: Any, contrast: Any, data: Any, data_norm: float,
-    params: np.ndarray,
+    params: np.ndarray, smoother: _RadialSmoother,
 ) -> np.ndarray:
-    """Weighted NCC of the normalised data with the 2D model for each parameter row."""
+    """Weighted NCC of the normalised data with the 2D model for each parameter row.
+
+    ``data`` must be free of smooth radial components (:meth:`_RadialSmoother.remove`); the
+    models' smooth radial parts are removed inside the norm, so a background error that
+    varies slowly with frequency cannot pull the fit.
+    """
     xp = get_array_module(data)
     n_strips, n_cells = data.shape
     per = max(1, MAX_BATCH_ELEMENTS // (n_strips * n_cells))
@@ -733,8 +768,12 @@ def _score_batch(
         m = wc * (optics.ctf2(cells.k2[None, None, :], cells.angle[None, None, :],
                               col[0] + delta[None], col[1], col[2], col[3]) - 0.5)
         num = (wd * m).sum(axis=(1, 2))
-        den = xp.sqrt((ww * m * m).sum(axis=(1, 2))) * data_norm
-        out[i : i + per] = to_numpy(num / xp.maximum(den, 1e-30))
+        wm = ww * m
+        prof = smoother.profile(wm)
+        smooth = prof @ smoother.smooth.T
+        norm2 = (wm * m).sum(axis=(1, 2)) - (smoother.wsum * (2 * prof - smooth) * smooth).sum(axis=(1, 2))
+        den = xp.sqrt(xp.maximum(norm2, 1e-30)) * data_norm
+        out[i : i + per] = to_numpy(num / den)
     return out
 
 
@@ -798,7 +837,8 @@ def _pattern_search(
     fitted to the stencil's scores gives the final sub-step position.
     """
     xp = get_array_module(cells.spectrum)
-    data = _normalised(cells, background, contrast)
+    smoother = _RadialSmoother.of(cells)
+    data = smoother.remove(_normalised(cells, background, contrast), cells.weight, cells.rbin)
     data_norm = float(xp.sqrt((cells.weight * data * data).sum()))
     active = np.nonzero(steps > 0)[0]
     grids = np.meshgrid(*([np.array([-1.0, 0.0, 1.0])] * len(active)), indexing="ij")
@@ -816,7 +856,7 @@ def _pattern_search(
         return cand
 
     def score_of(cand: np.ndarray) -> np.ndarray:
-        return _score_batch(cells, optics, delta, contrast, data, data_norm, cand)
+        return _score_batch(cells, optics, delta, contrast, data, data_norm, cand, smoother)
 
     score = -np.inf
     for _ in range(40):
