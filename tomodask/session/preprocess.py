@@ -170,7 +170,13 @@ class PreprocessTrack:
                             dose_e_per_angstrom2=dose, prior_dose_e_per_angstrom2=prior_dose,
                             settings_json=self.settings.model_dump_json())
 
+    def _gain_missing(self) -> bool:
+        gain = self.settings.gain_reference
+        return bool(gain.apply and gain.path is not None and not (self.layout.raw_dir / Path(gain.path).name).is_file())
+
     def _submit_movies(self) -> None:
+        if self._gain_missing():  # movies wait until the gain reference is in the session
+            return
         with self.store.db() as db:
             rows = db.scalars(select(MovieRow).where(MovieRow.session_id == self.session_id)).all()
             for row in rows:
