@@ -179,7 +179,7 @@ class FrameAlignmentSettings(_Model):
     output_pixel_size_angstrom: Annotated[float, Field(gt=0.0)] | None = Field(
         default=None, description="Fourier-crop aligned sums to this pixel size; None keeps the raw one."
     )
-    bfactor_angstrom2: Annotated[float, Field(ge=0.0)] = 500.0
+    bfactor_angstrom2: Annotated[float, Field(ge=0.0)] = 150.0
     patches_yx: tuple[Annotated[int, Field(ge=1, le=20)], Annotated[int, Field(ge=1, le=20)]] | None = (5, 5)
     max_iterations: Annotated[int, Field(ge=1, le=50)] = 10
     dose_weighting: bool = True
