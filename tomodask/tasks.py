@@ -188,7 +188,7 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
     from tomodask.io.mrc import write_mrc
     from tomodask.io.omezarr import write_ome_zarr
     from tomodask.kernels.fourier import fourier_crop
-    from tomodask.kernels.picking import pick_particles
+    from tomodask.kernels.picking import overlay_picks, pick_particles
     from tomodask.kernels.reconstruct import reconstruct_tomogram
     from tomodask.kernels.thumbnails import tomogram_thumbnails
     from tomodask.kernels.tilt_align import align_tilt_series, apply_alignment
@@ -267,6 +267,7 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
         write_array(g, "picks_zyx_px", np.asarray(picks.coordinates_zyx_px, dtype=np.float32).reshape(-1, 3),
                     pixel_size_angstrom=rec_px)
         write_array(g, "pick_scores", np.asarray(picks.scores, dtype=np.float32).reshape(-1))
+        write_array(g, "thumbnail_picks_rgb", overlay_picks(tomo_np, picks))
     residual = np.asarray(al.residual_px, dtype=float)
     return {
         "tilt_series": req.tilt_series,

@@ -10,7 +10,8 @@
                                  shifts_px (t, 2), ctf_spectrum (diagnostic image)
         tilt_series/<ts>/        aligned_stack (t, y, x) at the alignment pixel size,
                                  thumbnail_xy, thumbnail_xz (uint8), picks_zyx_px (n, 3),
-                                 pick_scores (n,)
+                                 pick_scores (n,), thumbnail_picks_rgb (h, w, 3) uint8
+                                 (picks drawn on the central slab)
       tomograms/<ts>.ome.zarr    the tomogram as OME-Zarr (multiscale)
       tomograms/<ts>.mrc         the same as MRC
       alignment/<ts>.xf, .tlt    IMOD alignment files
