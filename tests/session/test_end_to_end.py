@@ -62,7 +62,9 @@ def test_stream_transfer_and_process(tmp_path, data_root, method, n_tilt_series)
         defocus_err = [abs(mv.loc[n, "defocus_angstrom"] - 0.5 * (t["defocus_u_angstrom"] + t["defocus_v_angstrom"]))
                        for n, t in by_movie.items() if not t["dark"] and abs(t["tilt_angle_deg"]) <= 30]
         assert np.median(defocus_err) <= 500.0
-        assert m["n_picks"] > 0
+        n_true = len(truth["phantom"]["particle_centers_xyz_angstrom"])
+        assert 0.5 * n_true <= m["n_picks"] <= 2 * n_true
+        assert session.tilt_series_array(ts, "thumbnail_picks_rgb").shape[-1] == 3
         tomo = session.tomogram(ts)
         assert tomo.ndim == 3 and np.isfinite(tomo[tomo.shape[0] // 2].compute()).all()
         assert session.movie_array(m["movies"][0], "aligned_sum").shape == (384, 384)
