@@ -77,10 +77,10 @@ def demo(
     typer.echo(f"session {report['session']} in {report['folder']}: {report['movies_done']}/{report['movies']} "
                f"movies and {report['tilt_series_done']}/{len(report['tilt_series'])} tilt-series processed")
     for name, r in report["tilt_series"].items():
-        typer.echo(f"  {name}: {r['state']}, tilt axis {r['tilt_axis_angle_deg']} (true "
-                   f"{r['true_tilt_axis_angle_deg']}), residual {r['mean_residual_px']} px, "
-                   f"{r['n_picks']} picks ({r['true_particles']} particles), median defocus error "
-                   f"{r['defocus_error_angstrom_median']} A, {r['seconds']} s")
+        typer.echo(f"  {name}: {r['state']}; tilt axis {_fmt(r['tilt_axis_angle_deg'], '.2f')} deg (true "
+                   f"{r['true_tilt_axis_angle_deg']:.2f}); mean residual {_fmt(r['mean_residual_px'], '.2f')} px; "
+                   f"{r['n_picks']} picks ({r['true_particles']} particles simulated); median defocus error "
+                   f"{_fmt(r['defocus_error_angstrom_median'], '.0f')} A; {_fmt(r['seconds'], '.1f')} s")
     if not report["ok"]:
         raise typer.Exit(1)
 
@@ -104,6 +104,10 @@ def serve(
         Coordinator(Store(data_root), profile=profile).run(stop)
     except KeyboardInterrupt:
         stop.set()
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 @settings_app.command("show")
