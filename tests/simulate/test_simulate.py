@@ -98,8 +98,10 @@ def test_frames_shifted_back_by_recorded_drift_line_up():
     assert offset(aligned[first].sum(0), aligned[last].sum(0)) < 0.5
     shifts = tilt.truth.frame_shifts_px
     drift_between_halves = shifts[first].mean(axis=0) - shifts[last].mean(axis=0)
+    # unaligned half-sums are each smeared by the drift within the half, so their offset
+    # matches the difference of mean displacements only to about a pixel
     assert offset(frames[first].sum(0), frames[last].sum(0)) == pytest.approx(
-        np.hypot(*drift_between_halves), abs=0.5)
+        np.hypot(*drift_between_halves), abs=1.0)
     assert np.hypot(*drift_between_halves) > 3.0
 
 

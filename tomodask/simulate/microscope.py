@@ -17,6 +17,9 @@ from tomodask.simulate.phantom import Phantom, make_phantom
 
 #: Relative intensity of a dark tilt (e.g. a grid bar in the beam).
 DARK_TILT_INTENSITY = 0.03
+#: Margin rendered around each movie frame beyond its drift, so the wrap-around ringing of the
+#: Fourier shift stays outside the recorded field.
+FRAME_PAD_PX = 32
 
 
 @dataclass(frozen=True)
@@ -291,7 +294,7 @@ class TiltSeriesAcquisition:
         n_frames = spec.n_frames if with_frames else 1
         frame_shifts = (drift_trajectory_px(spec.n_frames, spec.drift_total_px, rng) if with_frames
                         else np.zeros((1, 2)))
-        pad = int(np.ceil(np.abs(frame_shifts).max())) + 8 if with_frames else 0
+        pad = int(np.ceil(np.abs(frame_shifts).max())) + FRAME_PAD_PX if with_frames else 0
         ny, nx = spec.shape_yx
         padded = (ny + 2 * pad, nx + 2 * pad)
         shift = (float(self.shifts_px[i, 0]), float(self.shifts_px[i, 1]))
