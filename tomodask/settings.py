@@ -247,6 +247,9 @@ class PickingSettings(_Model):
         default=None, description="Minimum distance between picks; default twice the radius."
     )
     threshold: float | None = Field(default=None, description="Score threshold; None picks it automatically.")
+    mask_outside_slab: bool = Field(
+        default=False, description="Drop picks outside the ice slab estimated from the tomogram "
+        "(off by default: the estimate is unreliable on thin, featureless ice).")
     template_path: Path | None = None
     angular_step_deg: Annotated[float, Field(gt=0.0, le=90.0)] = 15.0
 

@@ -256,7 +256,8 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
             template, _ = read_mrc(pk.template_path)
         picks = pick_particles(tomo, pixel_size_angstrom=rec_px, particle_radius_angstrom=pk.particle_radius_angstrom,
                                method=pk.method, min_distance_angstrom=pk.min_distance_angstrom,
-                               threshold=pk.threshold, template_zyx=template, angular_step_deg=pk.angular_step_deg)
+                               threshold=pk.threshold, template_zyx=template, angular_step_deg=pk.angular_step_deg,
+                               slab_mask=pk.mask_outside_slab)
     t_pick = time.perf_counter()
     thumbs = tomogram_thumbnails(tomo_np)
     g = _group(req.zarr_path, f"tilt_series/{req.tilt_series}")

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from sim_helpers import SESSION_SPEC, make_settings, spec_fields, truth_of
 
+from tomodask.kernels.picking_metrics import match_picks
+from tomodask.kernels.tilt_align import gauge_free_shift_error_px
 from tomodask.session.api import create_session
 from tomodask.simulate.writer import write_session
 
@@ -50,20 +52,25 @@ def test_stream_transfer_and_process(tmp_path, data_root, method, n_tilt_series)
         excluded = {mv for mv, e in zip(m["movies"], m["excluded"]) if e}
         dark = {mv for mv, t in by_movie.items() if t["dark"]}
         assert dark <= excluded
-        # per-tilt shifts (full-size px) against the truth, after removing only a common offset:
-        # the volume must be centred on the specimen
-        used = [i for i, e in enumerate(m["excluded"]) if not e]
-        est = np.array(m["shifts_px"])[used]
-        true = np.array([by_movie[m["movies"][i]]["shift_yx_px"] for i in used])
-        err = (est - est.mean(0)) - (true - true.mean(0))
-        assert np.sqrt((err**2).sum(1)).max() * truth["spec"]["pixel_size_angstrom"] / m[
-            "alignment_pixel_size_angstrom"] <= 1.0
+        # per-tilt shifts against the truth at the alignment pixel size, within the alignment
+        # kernel's tolerance (tests/kernels/test_tilt_align.py): the common translation and the
+        # rotation-centre height term are left out, as projections cannot fix them
+        used = np.array([not e for e in m["excluded"]])
+        true_shifts = np.array([by_movie[mv]["shift_yx_px"] for mv in m["movies"]])
+        true_angles = np.array([by_movie[mv]["tilt_angle_deg"] for mv in m["movies"]])
+        scale = truth["spec"]["pixel_size_angstrom"] / m["alignment_pixel_size_angstrom"]
+        err = gauge_free_shift_error_px(np.array(m["shifts_px"]) * scale, true_shifts * scale, true_angles,
+                                        tilt_axis_angle_deg=truth["spec"]["tilt_axis_angle_deg"], use=used)
+        assert np.median(err) < 1.0 and err.max() < 3.0, err
+        assert used.sum() >= len(used) - 3  # the dark tilt and at most two others left out
         mv = movies[movies.tilt_series == ts].set_index("name")
         defocus_err = [abs(mv.loc[n, "defocus_angstrom"] - 0.5 * (t["defocus_u_angstrom"] + t["defocus_v_angstrom"]))
                        for n, t in by_movie.items() if not t["dark"] and abs(t["tilt_angle_deg"]) <= 30]
         assert np.median(defocus_err) <= 500.0
-        n_true = len(truth["phantom"]["particle_centers_xyz_angstrom"])
-        assert 0.5 * n_true <= m["n_picks"] <= 2 * n_true
+        picks = match_picks(np.array(m["picks_xyz_angstrom"]).reshape(-1, 3),
+                            np.array(truth["phantom"]["particle_centers_xyz_angstrom"]),
+                            max_distance=truth["spec"]["particle_radius_angstrom"])
+        assert picks.f1 >= 0.6, picks  # 16 tilts of 384 px; the picking kernel's 0.9 is for 41 tilts
         assert session.tilt_series_array(ts, "thumbnail_picks_rgb").shape[-1] == 3
         tomo = session.tomogram(ts)
         assert tomo.ndim == 3 and np.isfinite(tomo[tomo.shape[0] // 2].compute()).all()
