@@ -185,6 +185,7 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
     dict
         Metrics of the tilt-series, including per-tilt lists.
     """
+    from tomodask.io.imod import write_alignment
     from tomodask.io.mrc import write_mrc
     from tomodask.io.omezarr import write_ome_zarr
     from tomodask.kernels.fourier import fourier_crop
@@ -221,7 +222,9 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
                            user_excluded=user, refine_tilt_axis=ta.refine_tilt_axis,
                            n_projection_matching_iterations=ta.refinement_iterations)
     t_align = time.perf_counter()
-    al.write_imod(req.alignment_dir, req.tilt_series)
+    write_alignment(req.alignment_dir, req.tilt_series, shifts_px=al.shifts_px,
+                    tilt_axis_angle_deg=al.tilt_axis_angle_deg, tilt_angles_deg=al.tilt_angles_deg,
+                    tilt_angle_offset_deg=al.tilt_angle_offset_deg, excluded=al.excluded)
     shifts_full_px = np.asarray(al.shifts_px, dtype=float)
 
     rec = p.reconstruction

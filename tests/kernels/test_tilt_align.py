@@ -65,10 +65,12 @@ def test_shifts_match_truth(series):
 
 
 def test_xf_and_tlt_round_trip(series, tmp_path):
-    from tomodask.io.imod import alignment_from_xf, read_tlt, read_xf
+    from tomodask.io.imod import alignment_from_xf, read_tlt, read_xf, write_alignment
 
     _, res = series
-    paths = res.write_imod(tmp_path, "TS_01")
+    paths = write_alignment(tmp_path, "TS_01", shifts_px=res.shifts_px, tilt_axis_angle_deg=res.tilt_axis_angle_deg,
+                            tilt_angles_deg=res.tilt_angles_deg, tilt_angle_offset_deg=res.tilt_angle_offset_deg,
+                            excluded=res.excluded)
     shifts, axis = alignment_from_xf(read_xf(paths["xf"]))
     use = ~res.excluded
     np.testing.assert_allclose(shifts[use], res.shifts_px[use], atol=2e-3)

@@ -196,3 +196,45 @@ def alignment_from_xf(transforms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     shifts_xy = -np.linalg.solve(a_mat, d[:, :, None])[:, :, 0]
     angle = np.rad2deg(np.arctan2(a_mat[:, 0, 1] - a_mat[:, 1, 0], a_mat[:, 0, 0] + a_mat[:, 1, 1]))
     return shifts_xy[:, ::-1].copy(), angle
+
+
+def write_alignment(directory: str | Path, name: str, *, shifts_px: np.ndarray, tilt_axis_angle_deg: float,
+                    tilt_angles_deg: np.ndarray, tilt_angle_offset_deg: float,
+                    excluded: np.ndarray) -> dict[str, Path]:
+    """Write a tilt-series alignment as IMOD files: ``.xf``, ``.tlt``, ``.rawtlt``, ``_exclude.txt``.
+
+    Parameters
+    ----------
+    directory
+        Folder to write into (created if missing).
+    name
+        Base name of the tilt-series.
+    shifts_px
+        ``(t, 2)`` tomodask displacements ``(dy, dx)`` in raw-image pixels (NaN for tilts
+        excluded before alignment: they get the rotation and zero shift).
+    tilt_axis_angle_deg
+        Refined tilt-axis angle.
+    tilt_angles_deg
+        ``(t,)`` refined tilt angles (``.tlt``); ``.rawtlt`` gets them minus the offset.
+    tilt_angle_offset_deg
+        Offset that was added to the stage angles.
+    excluded
+        ``(t,)`` bool; ``name_exclude.txt`` lists those views 1-based, comma-separated, as
+        IMOD's ``EXCLUDELIST`` takes them.
+
+    Returns
+    -------
+    dict
+        Paths written, keyed by ``"xf"``, ``"tlt"``, ``"rawtlt"``, ``"exclude"``.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    angles = np.asarray(tilt_angles_deg, dtype=float)
+    paths = {
+        "xf": write_xf(out / f"{name}.xf", xf_from_alignment(np.nan_to_num(shifts_px), tilt_axis_angle_deg)),
+        "tlt": write_tlt(out / f"{name}.tlt", angles),
+        "rawtlt": write_tlt(out / f"{name}.rawtlt", angles - tilt_angle_offset_deg),
+    }
+    paths["exclude"] = out / f"{name}_exclude.txt"
+    paths["exclude"].write_text(",".join(str(i + 1) for i in np.flatnonzero(excluded)) + "\n", encoding="ascii")
+    return paths

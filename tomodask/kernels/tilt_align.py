@@ -1,32 +1,45 @@
-"""Fiducial-less tilt-series alignment: shifts, tilt-axis angle and tilt-angle offset.
+"""Fiducial-less tilt-series alignment: shifts, tilt axis, tilt-angle offset, specimen height.
 
-Steps of :func:`align_tilt_series` (all at a binned "alignment" pixel size, ~12 Å):
+Steps of :func:`align_tilt_series`, all on a stack Fourier-binned to the alignment pixel
+size (about 1/128 of the field of view):
 
 1. **Exclusion.** :func:`tomodask.kernels.tilt_exclusion.find_bad_tilts` drops dark,
    blank, drifting and CTF-failed tilts and those the user excluded.
-2. **Coarse shifts.** Cross-correlation of neighbouring tilts, working outwards from the
-   tilt nearest 0°, the higher tilt stretched perpendicular to the axis by
-   ``cos(theta_ref) / cos(theta)`` (IMOD ``tiltxcorr``). Each tilt is compared with the
-   nearest tilt that correlated well, so one failed tilt does not break the chain.
-3. **Tilt-axis angle** by common lines: every projection of a single-axis tilt-series
-   holds the same projection onto the tilt axis. For candidate angles, the aligned
-   images are summed perpendicular to the axis, the 1D profiles are re-aligned along the
-   axis, and the angle with the most consistent profiles wins (coarse grid, then a
-   parabola through the best point). Steps 2-3 repeat once with the new angle.
-4. **Projection matching.** The aligned stack is reconstructed by weighted
-   back-projection; for every tilt the reconstruction *without that tilt* is reprojected
-   at its angle and cross-correlated with it (the tilt's own back-projection is removed
-   exactly with the linear projector of :mod:`tomodask.kernels.projector`). Iterated;
-   the common mean of the corrections (a translation of the tomogram) is removed.
-5. **Specimen centring** (before step 4). Correlation follows the strongest layer (e.g.
-   gold on one surface); a thick reconstruction finds the centre height ``z0`` of the
-   specimen's structure and the shifts change by ``z0 sin(theta)`` perpendicular to the
-   axis, so the specimen sits in the matched slab. The tilt-angle offset is NOT estimated
-   yet: ``tilt_angle_offset_deg`` is 0 and the refined angles are the given ones
-   (:func:`specimen_pitch_and_height` can measure the slab slope but is not validated).
-   A final common-line search of +-1 deg follows the matching.
-6. **Failure detection.** A tilt whose normalised correlation with its reprojection is
-   far below the others', or whose shift jumps, is excluded with reason
+2. **Coarse shifts** (:func:`coarse_align_shifts`). Outwards from the tilt nearest 0°,
+   each tilt is cross-correlated with the sum of its nearest already-aligned neighbours,
+   each stretched by ``cos(theta_j) / cos(theta_i)`` perpendicular to the axis and moved
+   by its shift (IMOD ``tiltxcorr``'s cumulative correlation [1]_). The peak is searched
+   in a disc around the neighbour's shift whose radius grows with ``|sin(theta)|``; a peak
+   not clearly above the next best one (peak ratio) marks the tilt as unreliable.
+3. **Tilt axis, coarse** (:func:`refine_tilt_axis_angle`): common lines, the projections
+   of all tilts onto the axis agree.
+4. **Projection matching, progressive.** The reliable tilts up to ±20° are matched to
+   their leave-one-out reprojections; then higher tilts are added a few at a time, each
+   correlated with the reprojection (at its angle) of the weighted back-projection of the
+   tilts already aligned, searched around its aligned neighbour's shift; then all tilts
+   are matched against their leave-one-out reprojections (the tilt's own back-projection
+   removed exactly with the linear projector of :mod:`tomodask.kernels.projector`) until
+   the largest correction is below 0.05 px. Corrections never move the gauge: a common
+   shift along the axis and the ``x cos(theta)`` and ``z sin(theta)`` terms across it
+   (translations of the tomogram) are left to steps 2 and 6.
+5. **Tilt axis, fine** (:func:`tilt_axis_from_features`): "local common lines". Strong
+   3D features of the reconstruction are followed through the aligned tilts; the position
+   of each along the axis must not change with tilt, and an axis error ``e`` moves it by
+   ``e * u`` (``u`` its position across the axis). A weighted fit over all features and
+   tilts gives the correction; matching and this step repeat until it is below 0.02°.
+6. **Specimen geometry** (:func:`specimen_geometry`). Correlation follows the strongest
+   layer (gold on one surface), which fixes neither the height of the rotation centre nor
+   the tilt-angle offset. A thick reconstruction gives the specimen's mid-plane height
+   ``z0`` and slope: from gold beads on both surfaces when present, else from one bead
+   layer and the ice thickness of the Beer-Lambert fall of intensity with tilt, else from
+   where the structure is. The tilt-angle offset is the one that makes that fall
+   symmetric (:func:`tomodask.kernels.tilt_exclusion.ice_slab_from_intensity`), else the
+   slope of the bead layers or of the structure. The shifts change by ``z0 sin(theta)``
+   across the axis and the tilt angles by the offset, which levels the slab.
+7. **Final pass and failure detection.** Leave-one-out matching with the final geometry;
+   ``residual_px`` is, per tilt, the distance from its leave-one-out reprojection's
+   correlation peak after the last correction. A tilt whose correlation is far below its
+   neighbours', or whose peak is ambiguous, is excluded with reason
    ``"alignment failed (...)"`` rather than returned as junk.
 
 Shifts follow :mod:`tomodask.kernels.geometry`: *displacements* ``(dy, dx)`` of each
@@ -48,18 +61,21 @@ References
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import scipy.sparse
 
 from tomodask.backend import get_array_module, scipy_ndimage, to_numpy
 from tomodask.kernels.fourier import fourier_crop, frequency_grid
 from tomodask.kernels.projector import backproject, backprojection_matrix, project_volume
 from tomodask.kernels.reconstruct import reconstruction_filter
-from tomodask.kernels.tilt_exclusion import ALIGNMENT_FAILED, find_bad_tilts
+from tomodask.kernels.tilt_exclusion import ALIGNMENT_FAILED, find_bad_tilts, ice_slab_from_intensity
 
 FILLS = ("mean", "zero")
+RIDGE = 0.5
+_DEBUG = None
+MODE = "none"
 
 
 # --------------------------------------------------------------------------- geometry
@@ -173,50 +189,100 @@ def _taper(shape_yx, *, fraction: float, xp: ModuleType):
 
 
 class _Correlator:
-    """Band-pass, taper and normalised cross-correlation of same-shape images (zero-padded)."""
+    """Band-pass, mask and normalised cross-correlation of same-shape images (zero-padded).
 
-    def __init__(self, shape_yx, *, lowpass_px: float, highpass_px: float, taper: float, xp: ModuleType,
-                 mask=None):
+    Works on single images ``(y, x)`` and on stacks ``(n, y, x)`` alike.
+    """
+
+    def __init__(self, shape_yx, *, lowpass_px: float, highpass_px: float, xp: ModuleType, mask):
         self.xp = xp
-        self.shape = tuple(shape_yx)
+        self.shape = tuple(int(n) for n in shape_yx)
         self.pad = tuple(2 * n for n in self.shape)
         self.filt = _bandpass(self.shape, lowpass_px=lowpass_px, highpass_px=highpass_px, xp=xp)
-        self.mask = _taper(self.shape, fraction=taper, xp=xp) if mask is None else mask
-        self.mask_sum = float(self.mask.sum())
+        self.mask = mask
+        self.mask_sum = float(mask.sum())
+        self.exclusion_px = max(2.0 * lowpass_px, 3.0)
 
-    def prepare(self, image):
-        """Padded spectrum of the filtered, masked, zero-mean, unit-norm image."""
+    def prepare(self, images):
+        """Padded spectra of the filtered, masked, zero-mean, unit-norm images."""
         xp = self.xp
-        f = xp.fft.irfft2(xp.fft.rfft2(image.astype(xp.float32)) * self.filt, s=self.shape)
-        f = (f - float((f * self.mask).sum()) / self.mask_sum) * self.mask
-        norm = float(xp.sqrt((f * f).sum())) or 1.0
-        return xp.fft.rfft2(f / norm, s=self.pad)
+        f = xp.fft.irfft2(xp.fft.rfft2(images.astype(xp.float32)) * self.filt, s=self.shape)
+        f = (f - (f * self.mask).sum(axis=(-2, -1), keepdims=True) / self.mask_sum) * self.mask
+        norm = xp.sqrt((f * f).sum(axis=(-2, -1), keepdims=True))
+        return xp.fft.rfft2(f / xp.where(norm > 0, norm, 1.0), s=self.pad)
 
-    def peak(self, moved, ref, *, max_shift_px: float) -> tuple[float, float, float]:
-        """Displacement ``(dy, dx)`` of the moved image relative to the reference, and NCC."""
+    def match(self, moved, ref, *, centres_yx, radii_px):
+        """Displacements of ``moved`` relative to ``ref`` (prepared spectra, ``(n, ...)``).
+
+        Returns ``(n, 2)`` sub-pixel ``(dy, dx)``, ``(n,)`` normalised correlation at the
+        peak and ``(n,)`` peak ratio (peak over the best value outside its neighbourhood),
+        the peak searched within ``radii_px`` of ``centres_yx``.
+        """
         xp = self.xp
-        return _peak(xp.fft.irfft2(moved * xp.conj(ref), s=self.pad), max_shift_px=max_shift_px)
+        cc = xp.fft.irfft2(moved * xp.conj(ref), s=self.pad)
+        return _peaks(cc.reshape((-1,) + self.pad), centres_yx=centres_yx, radii_px=radii_px,
+                      exclusion_px=self.exclusion_px)
 
 
-def _peak(cc, *, max_shift_px: float) -> tuple[float, float, float]:
-    """Sub-pixel peak of a circular correlation map within a radius of zero shift."""
+def _peaks(cc, *, centres_yx, radii_px, exclusion_px: float):
+    """Sub-pixel peaks of circular correlation maps ``(n, y, x)`` within discs.
+
+    Returns ``(n, 2)`` displacements ``(dy, dx)``, ``(n,)`` peak values and ``(n,)`` peak
+    ratios (peak over the highest value further than ``exclusion_px`` from it, in the disc).
+    """
     xp = get_array_module(cc)
-    ny, nx = cc.shape
-    fy, fx = frequency_grid((ny, nx), xp=xp, rfft=False)
-    r2 = (fy * ny) ** 2 + (fx * nx) ** 2
-    work = xp.where(r2 <= max_shift_px**2, cc, -xp.inf)
-    iy, ix = divmod(int(xp.argmax(work)), nx)
-    c0 = float(cc[iy, ix])
+    n, ny, nx = cc.shape
+    centres = np.broadcast_to(np.asarray(centres_yx, dtype=np.float64).reshape(-1, 2), (n, 2))
+    radii = np.maximum(np.broadcast_to(np.asarray(radii_px, dtype=np.float64).ravel(), (n,)), 1.0)
+    ky = xp.asarray(np.fft.fftfreq(ny) * ny, dtype=xp.float32)
+    kx = xp.asarray(np.fft.fftfreq(nx) * nx, dtype=xp.float32)
 
-    def refine(cm: float, cp: float) -> float:
-        denom = cm - 2.0 * c0 + cp
-        return 0.0 if denom >= 0 else float(np.clip(0.5 * (cm - cp) / denom, -0.5, 0.5))
+    def wrapped(k, c, size):
+        d = k[None, :] - xp.asarray(c, dtype=xp.float32)[:, None]
+        return (d + size / 2) % size - size / 2
 
-    ddy = refine(float(cc[(iy - 1) % ny, ix]), float(cc[(iy + 1) % ny, ix]))
-    ddx = refine(float(cc[iy, (ix - 1) % nx]), float(cc[iy, (ix + 1) % nx]))
-    dy = ((iy + ny // 2) % ny) - ny // 2 + ddy
-    dx = ((ix + nx // 2) % nx) - nx // 2 + ddx
-    return float(dy), float(dx), c0
+    dy, dx = wrapped(ky, centres[:, 0], ny), wrapped(kx, centres[:, 1], nx)
+    inside = dy[:, :, None] ** 2 + dx[:, None, :] ** 2 <= xp.asarray(radii**2, dtype=xp.float32)[:, None, None]
+    work = xp.where(inside, cc, -xp.inf).reshape(n, -1)
+    flat = xp.argmax(work, axis=1)
+    iy, ix = flat // nx, flat % nx
+    rows = xp.arange(n)
+    c0 = cc[rows, iy, ix]
+
+    def refine(cm, cp):
+        den = cm - 2.0 * c0 + cp
+        return xp.where(den < 0, xp.clip(0.5 * (cm - cp) / xp.where(den < 0, den, -1.0), -0.5, 0.5), 0.0)
+
+    ddy = refine(cc[rows, (iy - 1) % ny, ix], cc[rows, (iy + 1) % ny, ix])
+    ddx = refine(cc[rows, iy, (ix - 1) % nx], cc[rows, iy, (ix + 1) % nx])
+    py, px = ky[iy] + ddy, kx[ix] + ddx
+    ey, ex = wrapped(ky, to_numpy(py), ny), wrapped(kx, to_numpy(px), nx)
+    far = ey[:, :, None] ** 2 + ex[:, None, :] ** 2 > exclusion_px**2
+    c1 = xp.where(inside & far, cc, -xp.inf).reshape(n, -1).max(axis=1)
+    c0n, c1n = to_numpy(c0).astype(np.float64), to_numpy(c1).astype(np.float64)
+    ratio = np.where(c1n > 1e-6 * np.abs(c0n), c0n / np.where(c1n > 0, c1n, 1.0), np.inf)
+    shifts = np.stack([to_numpy(py), to_numpy(px)], axis=1).astype(np.float64)
+    return shifts, c0n, ratio
+
+
+def _search_radius_px(tilt_angles_deg, size_px: int, max_shift_fraction: tuple[float, float]) -> np.ndarray:
+    """Radius of the shift search at each tilt: ``size * (a + b |sin(theta)|)``, at most half the size."""
+    a, b = max_shift_fraction
+    s = np.abs(np.sin(np.deg2rad(np.asarray(tilt_angles_deg, dtype=np.float64))))
+    return np.minimum(size_px * (a + b * s), 0.5 * size_px)
+
+
+def _stretched_reference(images_tyx, angles: np.ndarray, i: int, sources, shifts: np.ndarray, *,
+                         tilt_axis_angle_deg: float):
+    """Sum of tilts ``sources``, each stretched to tilt ``i``'s view and moved by its shift."""
+    xp = get_array_module(images_tyx)
+    shape = tuple(images_tyx.shape[1:])
+    cos_t = np.cos(np.deg2rad(angles))
+    reference = xp.zeros(shape, dtype=xp.float32)
+    for j in sources:
+        reference += _warp(images_tyx[j].astype(xp.float32), _stretch_xy(tilt_axis_angle_deg, cos_t[j] / cos_t[i]),
+                           shifts[j], output_shape_yx=shape, order=1, cval=0.0)
+    return reference
 
 
 # --------------------------------------------------------------------------- coarse
@@ -230,16 +296,18 @@ def coarse_align_shifts(
     usable: np.ndarray | None = None,
     lowpass_px: float = 2.5,
     highpass_px: float = 30.0,
-    max_shift_fraction: float = 0.6,
+    max_shift_fraction: tuple[float, float] = (0.1, 0.3),
+    n_references: int = 2,
+    min_peak_ratio: float = 1.2,
     min_relative_correlation: float = 0.3,
-    n_references: int = 3,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Shifts from cross-correlating neighbouring tilts with cosine stretching.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Shifts from cumulative stretched cross-correlation, outwards from the tilt nearest 0°.
 
     Parameters
     ----------
     images_tyx
-        ``(t, y, x)`` tilt images (binned to the alignment pixel size, zero-mean contrast).
+        ``(t, y, x)`` tilt images (binned to the alignment pixel size, zero-mean contrast),
+        sorted by tilt angle.
     tilt_angles_deg
         ``(t,)`` tilt angles.
     tilt_axis_angle_deg
@@ -249,102 +317,65 @@ def coarse_align_shifts(
     lowpass_px, highpass_px
         Gaussian band-pass: wavelengths kept between these, in pixels.
     max_shift_fraction
-        Largest relative shift searched, as a fraction of the image size.
-    min_relative_correlation
-        A pair whose normalised correlation is below this fraction of the running median
-        marks the tilt as failed; the next tilt is compared with the last good one.
+        ``(a, b)``: the peak of tilt ``theta`` is searched within
+        ``size * (a + b |sin(theta)|)`` of its aligned neighbour's shift (stage errors grow
+        with tilt).
     n_references
-        The reference of each tilt is the sum of this many previously aligned good tilts
-        (each stretched and shifted to look like the nearest one): it holds more of the
-        specimen than one image, so a large shift is still found.
+        The reference of each tilt is the sum of this many nearest aligned reliable tilts,
+        each stretched and moved to look like it: it holds more of the specimen than one
+        image, so a large shift is still found.
+    min_peak_ratio, min_relative_correlation
+        A tilt whose peak is less than ``min_peak_ratio`` times the next best value, or
+        whose correlation is below this fraction of the recent ones, is unreliable: it is
+        not used as a reference.
 
     Returns
     -------
-    shifts_px, correlation, failed
+    shifts_px, correlation, peak_ratio, reliable
         ``(t, 2)`` displacements ``(dy, dx)`` relative to the tilt nearest 0°, ``(t,)``
-        normalised correlation with the reference tilt, ``(t,)`` bool failures.
+        normalised correlation with the reference, ``(t,)`` peak ratio and ``(t,)`` bool.
 
     Notes
     -----
-    If ``S`` stretches the higher tilt (``cur``) onto the frame of ``ref`` (factor
-    ``k = cos(theta_ref) / cos(theta)`` perpendicular to the axis), the correlation peak
-    ``d`` of ``cur(S^-1 r)`` against ``ref`` gives ``s_cur = S^-1 (s_ref + d)``.
+    With ``S`` the stretch from tilt ``i`` to tilt ``j`` (factor ``cos(theta_j) /
+    cos(theta_i)`` perpendicular to the axis), ``image_j(S r + s_j)`` is tilt ``i``'s view
+    of a thin specimen without its shift, so the correlation peak of ``image_i`` against
+    the sum of these is ``s_i`` itself.
     """
     xp = get_array_module(images_tyx)
     n_t = images_tyx.shape[0]
     angles = np.asarray(tilt_angles_deg, dtype=np.float64)
     usable = np.ones(n_t, bool) if usable is None else np.asarray(usable, bool)
-    shape = images_tyx.shape[1:]
-    corr = _Correlator(shape, lowpass_px=lowpass_px, highpass_px=highpass_px, taper=0.1, xp=xp)
-    max_shift = max_shift_fraction * min(shape)
+    shape = tuple(images_tyx.shape[1:])
+    corr = _Correlator(shape, lowpass_px=lowpass_px, highpass_px=highpass_px, xp=xp,
+                       mask=_taper(shape, fraction=0.1, xp=xp))
+    radius = _search_radius_px(angles, min(shape), max_shift_fraction)
     shifts = np.full((n_t, 2), np.nan)
     ncc = np.full(n_t, np.nan)
-    failed = np.zeros(n_t, bool)
+    ratio = np.full(n_t, np.nan)
+    reliable = np.zeros(n_t, bool)
     idx = np.flatnonzero(usable)
     if len(idx) == 0:
-        return shifts, ncc, failed
+        return shifts, ncc, ratio, reliable
     start = int(idx[np.argmin(np.abs(angles[idx]))])
-    shifts[start] = 0.0
-    ncc[start] = 1.0
-    cos_t = np.cos(np.deg2rad(angles))
+    shifts[start], ncc[start], ratio[start], reliable[start] = 0.0, 1.0, np.inf, True
     for direction in (1, -1):
         chain = [start]
         history: list[float] = []
-        i = start + direction
-        while 0 <= i < n_t:
-            if usable[i]:
-                ref = chain[-1]
-                # Reference: the last good tilts, each warped to look like `ref` at its shift.
-                reference = None
-                for j in chain[-n_references:]:
-                    m_j = _stretch_xy(tilt_axis_angle_deg, cos_t[j] / cos_t[ref])
-                    off = shifts[j] - (m_j @ shifts[ref][::-1])[::-1]
-                    warped = _warp(images_tyx[j].astype(xp.float32), m_j, off, output_shape_yx=shape, order=1,
-                                   cval=0.0)
-                    reference = warped if reference is None else reference + warped
-                s_inv = np.linalg.inv(_stretch_xy(tilt_axis_angle_deg, cos_t[ref] / cos_t[i]))
-                stretched = _warp(images_tyx[i].astype(xp.float32), s_inv, (0.0, 0.0), output_shape_yx=shape,
-                                  order=1, cval=0.0)
-                dy, dx, c = corr.peak(corr.prepare(stretched), corr.prepare(reference), max_shift_px=max_shift)
-                shifts[i] = (s_inv @ (shifts[ref][::-1] + np.array([dx, dy])))[::-1]
-                ncc[i] = c
-                typical = float(np.median(history)) if history else c
-                if c < min_relative_correlation * typical:
-                    failed[i] = True
-                else:
-                    history = (history + [c])[-5:]
-                    chain.append(i)
-            i += direction
-    return shifts, ncc, failed
-    start = int(idx[np.argmin(np.abs(angles[idx]))])
-    shifts[start] = 0.0
-    ncc[start] = 1.0
-    for direction in (1, -1):
-        ref = start
-        ref_spec = corr.prepare(images_tyx[start])
-        history: list[float] = []
-        i = start + direction
-        while 0 <= i < n_t:
-            if usable[i]:
-                k = np.cos(np.deg2rad(angles[ref])) / np.cos(np.deg2rad(angles[i]))
-                s_mat = _stretch_xy(tilt_axis_angle_deg, k)
-                s_inv = np.linalg.inv(s_mat)
-                stretched = _warp(images_tyx[i].astype(xp.float32), s_inv, (0.0, 0.0), output_shape_yx=shape,
-                                  order=1, cval=0.0)
-                dy, dx, c = corr.peak(corr.prepare(stretched), ref_spec, max_shift_px=max_shift)
-                s_xy = s_inv @ (shifts[ref][::-1] + np.array([dx, dy]))
-                shifts[i] = s_xy[::-1]
-                ncc[i] = c
-                typical = float(np.median(history)) if history else c
-                if c < min_relative_correlation * typical:
-                    failed[i] = True
-                else:
-                    history.append(c)
-                    history = history[-5:]
-                    ref = i
-                    ref_spec = corr.prepare(images_tyx[i])
-            i += direction
-    return shifts, ncc, failed
+        for i in range(start + direction, n_t if direction > 0 else -1, direction):
+            if not usable[i]:
+                continue
+            reference = _stretched_reference(images_tyx, angles, i, chain[-n_references:], shifts,
+                                             tilt_axis_angle_deg=tilt_axis_angle_deg)
+            d, c, r = corr.match(corr.prepare(images_tyx[i][None]), corr.prepare(reference[None]),
+                                 centres_yx=shifts[chain[-1]][None], radii_px=radius[i])
+            shifts[i], ncc[i], ratio[i] = d[0], c[0], r[0]
+            typical = float(np.median(history)) if history else c[0]
+            if r[0] >= min_peak_ratio and c[0] >= min_relative_correlation * typical:
+                reliable[i] = True
+                chain.append(i)
+                history = (history + [float(c[0])])[-5:]
+    return shifts, ncc, ratio, reliable
 
 
 # --------------------------------------------------------------------------- tilt axis
@@ -481,6 +512,278 @@ def refine_tilt_axis_angle(
     return best, score(best)
 
 
+# --------------------------------------------------------------------------- 3D features, fine tilt axis
+
+
+def _volume_features(volume_zyx, *, n_max: int = 40, separation_px: int = 5,
+                     border_fraction: tuple[float, float] = (0.1, 0.1), streak_px: float = 2.0,
+                     streak_ratio: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
+    """Strongest local maxima of the smoothed structure energy of a volume.
+
+    Returns ``(k, 3)`` positions ``(z, y, x)`` from the volume centre (voxels) and ``(k,)``
+    energies, strongest first; maxima within ``border_fraction`` of the y and x edges are
+    skipped, and so are maxima within ``streak_px`` in y of one ``streak_ratio`` times
+    stronger (its back-projection streaks).
+    """
+    xp = get_array_module(volume_zyx)
+    ndi = scipy_ndimage(xp)
+    nz, ny, nx = volume_zyx.shape
+    # Energy on a 2x coarser grid (block means): eight times less work, ample to place
+    # the windows that measure the features.
+    mz, my, mx = nz // 2, ny // 2, nx // 2
+    v = volume_zyx[:2 * mz, :2 * my, :2 * mx].astype(xp.float32).reshape(mz, 2, my, 2, mx, 2).mean(axis=(1, 3, 5))
+    energy = ndi.gaussian_filter(v * v, 0.75)
+    half = max(int(round(separation_px / 2)), 1)
+    peaks = energy == ndi.maximum_filter(energy, size=2 * half + 1)
+    by, bx = int(round(border_fraction[0] * my)), int(round(border_fraction[1] * mx))
+    peaks[:, :max(by, 1)] = False
+    peaks[:, my - max(by, 1):] = False
+    peaks[:, :, :max(bx, 1)] = False
+    peaks[:, :, mx - max(bx, 1):] = False
+    peaks[:1] = False
+    peaks[mz - 1:] = False
+    coarse = to_numpy(xp.argwhere(peaks))
+    values = to_numpy(energy[peaks]).astype(np.float64)
+    e = to_numpy(energy).astype(np.float64)
+    where = coarse.astype(np.float64)
+    for axis in range(3):
+        step = np.zeros(3, int)
+        step[axis] = 1
+        lo, hi = e[tuple((coarse - step).T)], e[tuple((coarse + step).T)]
+        den = lo - 2 * values + hi
+        where[:, axis] += np.where(den < 0, np.clip(0.5 * (lo - hi) / np.where(den < 0, den, -1.0), -0.5, 0.5), 0.0)
+    where = 2 * where + 0.5
+    order = np.argsort(-values)
+    where, values = where[order], values[order]
+    # A very strong feature (gold) leaves streaks in its own y slices (back-projection along
+    # the tilt directions): weaker maxima at its y are not features.
+    keep = np.ones(len(values), bool)
+    for j in range(min(len(values), 4 * n_max)):
+        if keep[j]:
+            streak = (np.abs(where[:, 1] - where[j, 1]) <= streak_px) & (values < values[j] / streak_ratio)
+            keep &= ~streak
+    where, values = where[keep][:n_max], values[keep][:n_max]
+    centre = (np.array([nz, ny, nx], dtype=np.float64) - 1) / 2
+    return where - centre, values
+
+
+def _window_offsets(windows_tkyx: np.ndarray, weights_tk: np.ndarray, *, lowpass_px: float, highpass_px: float,
+                    max_lag_px: float, n_iterations: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Displacement of each window from its feature's weighted mean window.
+
+    ``windows_tkyx`` is ``(t, k, w, w)``. Returns ``(t, k, 2)`` displacements ``(dv, du)``
+    and ``(t, k)`` normalised correlations with the mean (leave-self-in).
+    """
+    n_t, n_k, w, _ = windows_tkyx.shape
+    taper = to_numpy(_taper((w, w), fraction=0.25, xp=np))
+    filt = to_numpy(_bandpass((2 * w, 2 * w), lowpass_px=lowpass_px, highpass_px=highpass_px, xp=np))
+    win = windows_tkyx - (windows_tkyx * taper).sum(axis=(-2, -1), keepdims=True) / taper.sum()
+    spec = np.fft.rfft2(win * taper, s=(2 * w, 2 * w)) * filt
+    fy, fx = frequency_grid((2 * w, 2 * w), xp=np)
+    offsets = np.zeros((n_t, n_k, 2))
+    ncc = np.zeros((n_t, n_k))
+    norm_w = np.sqrt((np.abs(spec) ** 2).sum(axis=(-2, -1)))
+    for _ in range(n_iterations):
+        # Leave-one-out templates: a window's own noise would pull its peak to zero.
+        phase_y = np.exp(2j * np.pi * fy[None, None, :, 0] * offsets[..., 0, None])
+        phase_x = np.exp(2j * np.pi * fx[None, None, 0, :] * offsets[..., 1, None])
+        moved = spec * (phase_y[..., :, None] * (phase_x * weights_tk[..., None])[..., None, :])
+        template = moved.sum(axis=0)[None] - moved
+        cc = np.fft.irfft2(spec * np.conj(template), s=(2 * w, 2 * w))
+        shifts, peak, _ = _peaks(cc.reshape(-1, 2 * w, 2 * w), centres_yx=np.zeros(2), radii_px=max_lag_px,
+                                 exclusion_px=2.0)
+        offsets = shifts.reshape(n_t, n_k, 2)
+        norm_t = np.sqrt((np.abs(template) ** 2).sum(axis=(-2, -1)))
+        ncc = peak.reshape(n_t, n_k) * (2 * w) ** 2 / np.maximum(norm_w * norm_t, 1e-30)
+    return offsets, ncc
+
+
+@dataclass(frozen=True)
+class FeatureFit:
+    """Corrections from the 3D-feature model (:func:`refine_with_features`).
+
+    Attributes
+    ----------
+    shift_corrections_uv
+        ``(t, 2)`` ``(du, dv)`` to add to each tilt's displacement, in the aligned frame
+        (u across the axis, v along it), pixels. Zero where a tilt had too few measured
+        features.
+    axis_correction_deg, axis_standard_error_deg
+        Add to the tilt-axis angle that made the aligned stack.
+    measured
+        ``(t,)`` bool, tilts with at least two well-measured features.
+    rms_px
+        ``(t,)`` weighted rms of the feature residuals per tilt.
+    n_features
+        Features that carried weight.
+    positions_zyx, strength
+        ``(k, 3)`` positions of the features followed (voxels from the volume centre; the
+        height from their parallax between opposite tilts where seen in both) and
+        ``(k,)`` their structure energies in the volume.
+    """
+
+    shift_corrections_uv: np.ndarray
+    axis_correction_deg: float
+    axis_standard_error_deg: float
+    measured: np.ndarray
+    rms_px: np.ndarray
+    n_features: int
+    positions_zyx: np.ndarray
+    strength: np.ndarray
+
+
+def refine_with_features(
+    aligned_tyx: np.ndarray,
+    tilt_angles_deg: np.ndarray,
+    volume_zyx: np.ndarray,
+    *,
+    n_features: int = 40,
+    half_window_px: int = 10,
+    lowpass_px: float = 1.0,
+    highpass_px: float = 12.0,
+    max_lag_px: float = 4.0,
+    fit_axis: bool = True,
+) -> FeatureFit:
+    """Shift and tilt-axis corrections from strong 3D features followed through the tilts.
+
+    Parameters
+    ----------
+    aligned_tyx
+        ``(t, y, x)`` tilts aligned with the current shifts and axis (axis along y).
+    tilt_angles_deg
+        ``(t,)`` tilt angles.
+    volume_zyx
+        ``(z, y, x)`` reconstruction of ``aligned_tyx`` (same pixel size, centred).
+    n_features
+        Strongest local maxima of the volume's structure energy followed.
+    half_window_px
+        Half-size of the window around each feature's projected position.
+    lowpass_px, highpass_px
+        Band-pass of the window correlations.
+    max_lag_px
+        Largest displacement of a feature from its predicted position.
+    fit_axis
+        Fit the tilt-axis correction (else 0).
+
+    Returns
+    -------
+    FeatureFit
+
+    Notes
+    -----
+    A feature at ``(x, y, z)`` projects at ``u = x cos(theta) + z sin(theta)`` across the
+    axis and ``v = y`` along it; with the true axis ``e`` counter-clockwise from the one
+    used, at ``(u - e v, v + e u)``. Each feature's windows are registered to their mean;
+    the displacements are fitted by least squares with, per tilt, a shift ``(a_i, b_i)``,
+    per feature a position correction ``(dx, dy, dz)`` and the axis correction ``e``
+    (what IMOD's ``tiltalign`` does with fiducials [1]_, here with the structure's own
+    strongest features, "local common lines" along the axis). Each feature is weighted by
+    its own scatter (gold beads and compact particles dominate, overlapped features count
+    little) and outliers are discarded. The mean feature correction is held at zero, so
+    the corrections do not translate the tomogram.
+    """
+    xp = get_array_module(aligned_tyx)
+    ndi = scipy_ndimage(xp)
+    n_t, ny, nx = aligned_tyx.shape
+    feats, strength = _volume_features(volume_zyx, n_max=n_features, border_fraction=(0.08, 0.08))
+    empty = FeatureFit(np.zeros((n_t, 2)), 0.0, float("inf"), np.zeros(n_t, bool), np.full(n_t, np.nan), 0,
+                       feats, strength)
+    n_k = len(feats)
+    if n_k < 3:
+        return empty
+    theta = np.deg2rad(np.asarray(tilt_angles_deg, dtype=np.float64))
+    cos_t, sin_t = np.cos(theta), np.sin(theta)
+    u = feats[None, :, 2] * cos_t[:, None] + feats[None, :, 0] * sin_t[:, None]  # (t, k)
+    v = np.broadcast_to(feats[None, :, 1], u.shape)
+    hw = int(half_window_px)
+    margin = hw + max_lag_px + 1
+    inside = (np.abs(u) < nx / 2 - margin) & (np.abs(v) < ny / 2 - margin)
+    grid = np.arange(-hw, hw + 1, dtype=np.float64)
+    rows = v[:, :, None, None] + grid[None, None, :, None] + (ny - 1) / 2
+    cols = u[:, :, None, None] + grid[None, None, None, :] + (nx - 1) / 2
+    rows, cols = np.broadcast_arrays(rows, cols)
+    windows = np.empty(rows.shape)
+    for i in range(n_t):
+        coords = xp.asarray(np.stack([rows[i], cols[i]]), dtype=xp.float32)
+        windows[i] = to_numpy(ndi.map_coordinates(aligned_tyx[i].astype(xp.float32), coords, order=1,
+                                                  mode="constant", cval=0.0))
+    offsets, _ = _window_offsets(windows, inside.astype(np.float64), lowpass_px=lowpass_px, highpass_px=highpass_px,
+                                 max_lag_px=max_lag_px)
+    t_i, k_i = np.nonzero(inside)
+    m = len(t_i)
+    if m < 10:
+        return empty
+    # Unknowns: a (t), b (t), dx (k), dy (k), dz (k), c (k), e; rows: u then v offsets.
+    # c is each feature's constant offset across the axis: its template (the mean of its
+    # windows) has no absolute centre, so the tilts' common shift across the axis is left
+    # to the neighbour correlations.
+    n_unknown = 2 * n_t + 4 * n_k + 1
+    r = np.arange(m)
+    rows = np.concatenate([r, r, r, r, r, m + r, m + r, m + r])
+    cols = np.concatenate([t_i, 2 * n_t + k_i, 2 * n_t + 2 * n_k + k_i, 2 * n_t + 3 * n_k + k_i,
+                           np.full(m, n_unknown - 1), n_t + t_i, 2 * n_t + n_k + k_i, np.full(m, n_unknown - 1)])
+    vals = np.concatenate([np.ones(m), cos_t[t_i], sin_t[t_i], np.ones(m), -v[t_i, k_i] * fit_axis,
+                           np.ones(m), np.ones(m), u[t_i, k_i] * fit_axis])
+    design = scipy.sparse.csr_matrix((vals, (rows, cols)), shape=(2 * m, n_unknown))
+    obs = np.concatenate([offsets[t_i, k_i, 1], offsets[t_i, k_i, 0]])
+    kk = np.concatenate([k_i, k_i])
+    # Gauge: the features as a whole do not move (the tomogram is not translated) and the
+    # tilts' mean shift across the axis does not change; a weak prior (RIDGE px) on each
+    # tilt's correction damps what the features barely see.
+    prior = np.zeros((n_unknown, n_unknown))
+    for g in range(3):
+        block = slice(2 * n_t + g * n_k, 2 * n_t + (g + 1) * n_k)
+        prior[block, block] += 1e6 / n_k**2
+    prior[:n_t, :n_t] += 1e6 / n_t**2
+    prior[np.arange(2 * n_t), np.arange(2 * n_t)] += 1.0 / RIDGE**2
+    if not fit_axis:
+        prior[-1, -1] += 1.0
+    robust = np.ones(2 * m)
+    scale_k = np.ones(n_k)
+    for _ in range(8):
+        w2 = robust / (scale_k[kk] ** 2 + 0.03**2)
+        normal = (design.T @ design.multiply(w2[:, None])).toarray() + prior
+        inverse = np.linalg.pinv(normal)
+        sol = inverse @ (design.T @ (w2 * obs))
+        resid = obs - design @ sol
+        for k in range(n_k):
+            sel = kk == k
+            scale_k[k] = 1.4826 * np.median(np.abs(resid[sel])) + 1e-3 if sel.sum() >= 8 else 1e3
+        robust = np.clip(1.0 - (resid / (4.685 * scale_k[kk])) ** 2, 0.0, None) ** 2
+    w = np.sqrt(w2)
+    good_obs = (robust > 0) & (scale_k[kk] < 1.0)
+    per_tilt = np.bincount(np.concatenate([t_i, t_i])[good_obs], minlength=n_t) // 2
+    measured = per_tilt >= 2
+    weights = w**2 * good_obs
+    tt = np.concatenate([t_i, t_i])
+    rms = np.sqrt(np.bincount(tt, weights * resid**2, minlength=n_t) / np.maximum(np.bincount(tt, weights, n_t),
+                                                                                    1e-30))
+    rms[~measured] = np.nan
+    corr_uv = np.stack([sol[:n_t], sol[n_t:2 * n_t]], axis=1)
+    corr_uv[~measured] = 0.0
+    stderr = float(np.rad2deg(np.sqrt(max(inverse[-1, -1], 0.0)))) if fit_axis else float("inf")
+    n_used = int(sum(scale_k[k] < 1.0 for k in range(n_k)))
+    # Heights from parallax: between tilts theta_1 and theta_2 a feature moves by
+    # x (cos 1 - cos 2) + z (sin 1 - sin 2) across the axis, and its template offset and the
+    # common shift cancel; pairs of opposite tilts give z to a fraction of a voxel.
+    positions = feats.copy()
+    off_u = offsets[..., 1] - sol[:n_t][:, None]
+    for k in range(n_k):
+        seen = np.flatnonzero(inside[:, k] & (np.abs(offsets[:, k, 1]) < max_lag_px - 0.5))
+        num = den = 0.0
+        for i in seen[theta[seen] < 0]:
+            j = seen[np.argmin(np.abs(theta[seen] + theta[i]))]
+            ds = sin_t[j] - sin_t[i]
+            if abs(theta[j] + theta[i]) < np.deg2rad(2.0) and ds > 0.2:
+                num += ds * (off_u[j, k] - off_u[i, k])
+                den += ds * ds
+        if den > 0:
+            positions[k, 0] += num / den
+    return FeatureFit(shift_corrections_uv=corr_uv, axis_correction_deg=float(np.rad2deg(sol[-1])) if fit_axis else 0.0,
+                      axis_standard_error_deg=stderr, measured=measured, rms_px=rms, n_features=n_used,
+                      positions_zyx=positions, strength=strength)
+
+
 # --------------------------------------------------------------------------- projection matching
 
 
@@ -546,93 +849,310 @@ def leave_one_out_reprojections(
     return reproj, volume
 
 
-def _projection_matching(binned, angles, *, axis_deg: float, shifts_bin: np.ndarray, use: np.ndarray,
-                         thickness_px: int, n_iterations: int, lowpass_px: float, highpass_px: float):
-    """Iterated leave-one-out projection matching; returns shifts, last correction and NCC."""
-    xp = get_array_module(binned)
-    shape = binned.shape[1:]
-    idx = np.flatnonzero(use)
-    mask = _taper(shape, fraction=0.2, xp=xp) * _soft_disk(shape, radius_fraction=0.48, xp=xp)
-    corr = _Correlator(shape, lowpass_px=lowpass_px, highpass_px=highpass_px, taper=0.2, xp=xp, mask=mask)
-    rot = _rot_xy(axis_deg)
-    shifts = shifts_bin.copy()
-    last = np.zeros(len(angles))
-    ncc = np.full(len(angles), np.nan)
-    max_shift = 0.15 * min(shape)
-    for _ in range(n_iterations):
-        aligned = apply_alignment(binned[idx], shifts_px=shifts[idx], tilt_axis_angle_deg=axis_deg, order=1,
-                                  fill="zero")
-        reproj, _ = leave_one_out_reprojections(aligned, angles[idx], thickness_px=thickness_px)
-        update = np.zeros((len(idx), 2))
-        for k, i in enumerate(idx):
-            dv, du, c = corr.peak(corr.prepare(aligned[k]), corr.prepare(reproj[k]), max_shift_px=max_shift)
-            update[k] = (rot @ np.array([du, dv]))[::-1]
-            ncc[i] = c
-        update -= np.median(update, axis=0)
-        shifts[idx] += update
-        last[idx] = np.hypot(update[:, 0], update[:, 1])
-    return shifts, last, ncc
+def _wbp(aligned_tyx, tilt_angles_deg: np.ndarray, *, thickness_px: int, radial_cutoff: float = 0.3):
+    """Weighted back-projection ``(z, y, x)`` of an aligned stack (axis along y)."""
+    filtered = _ramp_filtered(aligned_tyx, tilt_angles_deg, thickness_px=thickness_px, radial_cutoff=radial_cutoff)
+    return backproject(filtered, tilt_angles_deg, thickness_px=thickness_px)
 
+
+def _without_gauge(update_uv: np.ndarray, tilt_angles_deg: np.ndarray) -> np.ndarray:
+    """Remove from ``(n, 2)`` corrections ``(du, dv)`` what only translates the tomogram.
+
+    Along the axis: the mean (a y translation). Across it: the least-squares ``cos(theta)``
+    and ``sin(theta)`` terms (x and z translations).
+    """
+    out = np.array(update_uv, dtype=np.float64)
+    theta = np.deg2rad(np.asarray(tilt_angles_deg, dtype=np.float64))
+    modes = np.stack([np.cos(theta), np.sin(theta)], axis=1)
+    if len(out) >= 3:
+        coef, *_ = np.linalg.lstsq(modes, out[:, 0], rcond=None)
+        out[:, 0] -= modes @ coef
+    out[:, 1] -= out[:, 1].mean()
+    return out
+
+
+class _Matcher:
+    """Projection matching on a binned stack: the state shared by the steps of the alignment."""
+
+    def __init__(self, binned_tyx, *, lowpass_px: float, highpass_px: float, thickness_px: int):
+        self.xp = get_array_module(binned_tyx)
+        self.binned = binned_tyx
+        self.shape = tuple(binned_tyx.shape[1:])
+        mask = _taper(self.shape, fraction=0.2, xp=self.xp) * _soft_disk(self.shape, radius_fraction=0.48, xp=self.xp)
+        self.corr = _Correlator(self.shape, lowpass_px=lowpass_px, highpass_px=highpass_px, xp=self.xp, mask=mask)
+        self.thickness_px = int(thickness_px)
+        self.small_radius_px = max(3.0, 0.03 * min(self.shape))
+
+    def aligned(self, idx, shifts, axis_deg: float):
+        """The tilts ``idx`` undone of their shifts and rotated (axis along y)."""
+        return apply_alignment(self.binned[idx], shifts_px=shifts[idx], tilt_axis_angle_deg=axis_deg, order=1,
+                               fill="zero")
+
+    def measure(self, idx, shifts, axis_deg: float, angles: np.ndarray):
+        """Leave-one-out matching of the tilts ``idx``.
+
+        Returns ``(n, 2)`` gauge-free corrections ``(du, dv)`` in the aligned frame,
+        normalised correlations and peak ratios.
+        """
+        aligned = self.aligned(idx, shifts, axis_deg)
+        reproj, _ = leave_one_out_reprojections(aligned, angles[idx], thickness_px=self.thickness_px)
+        d, ncc, ratio = self.corr.match(self.corr.prepare(aligned), self.corr.prepare(reproj),
+                                        centres_yx=np.zeros(2), radii_px=self.small_radius_px)
+        return _without_gauge(d[:, ::-1], angles[idx]), ncc, ratio
+
+    def to_raw(self, update_uv: np.ndarray, axis_deg: float) -> np.ndarray:
+        """Aligned-frame ``(du, dv)`` to raw displacements ``(dy, dx)``."""
+        return (update_uv @ _rot_xy(axis_deg).T)[:, ::-1]
 
 
 # --------------------------------------------------------------------------- specimen geometry
 
 
-def specimen_pitch_and_height(volume_zyx: np.ndarray, *, max_pitch_deg: float = 10.0,
-                              step_deg: float = 0.5) -> tuple[float, float]:
-    """Slope and centre height of the specimen slab in a reconstruction.
+@dataclass(frozen=True)
+class SpecimenGeometry:
+    """Where the specimen slab lies in a reconstruction (voxels, from the volume centre).
+
+    Attributes
+    ----------
+    z_center_px
+        Height of the slab's mid-plane above the volume centre, at ``x = 0``.
+    slope_deg
+        Angle of the slab in the ``(x, z)`` plane: ``z = z_center_px + x tan(slope_deg)``.
+    thickness_px
+        Slab thickness (NaN when unknown).
+    method
+        How it was found: ``"gold on both surfaces"``, ``"gold on one surface, ice
+        thickness from intensity"`` or ``"structure"``.
+    """
+
+    z_center_px: float
+    slope_deg: float
+    thickness_px: float
+    method: str
+
+
+def _bead_radius_px(image_yx, tilt_angle_deg: float, positions_zyx: np.ndarray) -> float:
+    """Radius of gold beads from their projections in an aligned image (axis along y).
+
+    A sphere projects to a chord profile ``2 sqrt(r^2 - d^2)``, which falls to half its
+    depth at ``d = r sqrt(3) / 2``: the radius is that of the disc of half depth (its area
+    over pi), over ``sqrt(3) / 2``. Median over beads.
+    """
+    xp = get_array_module(image_yx)
+    img = to_numpy(scipy_ndimage(xp).gaussian_filter(image_yx.astype(xp.float32), 1.0)).astype(np.float64)
+    ny, nx = img.shape
+    t = np.deg2rad(tilt_angle_deg)
+    yy, xx = np.mgrid[:ny, :nx]
+    radii = []
+    for z, y, x in positions_zyx[:8]:
+        cy, cx = y + (ny - 1) / 2, x * np.cos(t) + z * np.sin(t) + (nx - 1) / 2
+        r = np.hypot(yy - cy, xx - cx)
+        window = r < 0.15 * min(ny, nx)
+        ring = (r >= 0.15 * min(ny, nx)) & (r < 0.2 * min(ny, nx))
+        if not ring.any() or not (r < 2).any():
+            continue
+        depth = np.median(img[ring]) - img
+        half = (depth > 0.5 * depth[r < 2].max()) & window
+        labels, _ = scipy_ndimage(np).label(half)
+        own = labels[min(max(int(round(cy)), 0), ny - 1), min(max(int(round(cx)), 0), nx - 1)]
+        if own:
+            radii.append(np.sqrt((labels == own).sum() / np.pi) / (np.sqrt(3) / 2))
+    return float(np.median(radii)) if radii else 0.0
+
+
+def _centroids(volume_zyx, positions_zyx: np.ndarray, *, half_px: int = 3) -> np.ndarray:
+    """Energy-weighted centroids of the volume in boxes around ``positions_zyx`` (from the centre)."""
+    v = to_numpy(volume_zyx)
+    centre = (np.array(v.shape) - 1) / 2
+    out = np.array(positions_zyx, dtype=np.float64)
+    for n, p in enumerate(out):
+        c = np.round(p + centre).astype(int)
+        lo, hi = np.maximum(c - half_px, 0), np.minimum(c + half_px + 1, v.shape)
+        box = v[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.float64) ** 2
+        if box.sum() > 0:
+            grids = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
+            out[n] = [float((g * box).sum() / box.sum()) for g in grids] - centre
+    return out
+
+
+def _layers(z: np.ndarray, *, min_gap_px: float) -> np.ndarray:
+    """Label bead heights 0 (lower surface) or 1 (upper), splitting at the widest gap."""
+    order = np.argsort(z)
+    gaps = np.diff(z[order])
+    labels = np.zeros(len(z), int)
+    if len(gaps) and gaps.max() >= min_gap_px:
+        j = int(np.argmax(gaps))
+        labels[order[j + 1:]] = 1
+    return labels
+
+
+def _fit_layers(z: np.ndarray, x: np.ndarray, labels: np.ndarray, *, slope: bool,
+                min_spread_px: float) -> tuple[np.ndarray, float]:
+    """Heights of the bead layers at ``x = 0`` and their common slope (least squares)."""
+    n_l = int(labels.max()) + 1
+    design = np.zeros((len(z), n_l + 1))
+    design[np.arange(len(z)), labels] = 1.0
+    design[:, -1] = x
+    spread = np.ptp(x - np.array([x[labels == k].mean() for k in range(n_l)])[labels]) if len(x) else 0.0
+    use_slope = slope and len(z) >= n_l + 1 and spread >= min_spread_px
+    cols = design if use_slope else design[:, :-1]
+    keep = np.ones(len(z), bool)
+    for _ in range(2):
+        coef, *_ = np.linalg.lstsq(cols[keep], z[keep], rcond=None)
+        resid = np.abs(z - cols @ coef)
+        keep = resid <= max(3.0, 3 * np.median(resid))
+        if any(not keep[labels == k].any() for k in range(n_l)):
+            keep[:] = True
+            break
+    return coef[:n_l], (float(coef[-1]) if use_slope else 0.0)
+
+
+def _structure_energy(volume_zyx, beads_zyx: np.ndarray, bead_radius_px: float) -> np.ndarray:
+    """``(z, x)`` energy of the structure, clipped so that no bead dominates, beads masked."""
+    xp = get_array_module(volume_zyx)
+    nz, ny, nx = volume_zyx.shape
+    by = max(int(0.1 * ny), 1)
+    v = volume_zyx[:, by:ny - by, :].astype(xp.float32)
+    v = v - xp.median(v)
+    sigma = 1.4826 * float(xp.median(xp.abs(v)))
+    v = xp.clip(v, -3 * sigma, 3 * sigma)
+    if len(beads_zyx):
+        z = xp.arange(nz, dtype=xp.float32)[:, None, None] - (nz - 1) / 2
+        y = xp.arange(by, ny - by, dtype=xp.float32)[None, :, None] - (ny - 1) / 2
+        x = xp.arange(nx, dtype=xp.float32)[None, None, :] - (nx - 1) / 2
+        r = 2 * bead_radius_px + 2
+        for bz, bypos, bx in beads_zyx:
+            v = xp.where(((z - bz) / (2 * r)) ** 2 + ((y - bypos) / r) ** 2 + ((x - bx) / r) ** 2 < 1, 0.0, v)
+    return to_numpy((v * v).sum(axis=1)).astype(np.float64)
+
+
+def _sheared_profile(energy_zx: np.ndarray, slope_deg: float) -> np.ndarray:
+    """Sum over x of the energy along lines ``z + x tan(slope)``."""
+    nz, nx = energy_zx.shape
+    z = np.arange(nz) - (nz - 1) / 2
+    x = np.arange(nx) - (nx - 1) / 2
+    tan = np.tan(np.deg2rad(slope_deg))
+    out = np.zeros(nz)
+    for j in range(nx):
+        out += np.interp(z + x[j] * tan, z, energy_zx[:, j], left=0.0, right=0.0)
+    return out
+
+
+def _centre_and_spread(profile: np.ndarray) -> tuple[float, float]:
+    nz = len(profile)
+    z = np.arange(nz) - (nz - 1) / 2
+    w = np.clip(profile - np.percentile(profile, 20), 0.0, None)
+    total = w.sum() or 1.0
+    centre = float((w * z).sum() / total)
+    return centre, float(np.sqrt((w * (z - centre) ** 2).sum() / total))
+
+
+def specimen_geometry(
+    volume_zyx: np.ndarray,
+    *,
+    thickness_px: float | None = None,
+    estimate_slope: bool = True,
+    slope_deg: float | None = None,
+    image_yx: np.ndarray | None = None,
+    image_tilt_angle_deg: float = 0.0,
+    features: tuple[np.ndarray, np.ndarray] | None = None,
+    max_slope_deg: float = 10.0,
+    strong_ratio: float = 8.0,
+    min_layer_gap_px: float = 10.0,
+) -> SpecimenGeometry:
+    """Height, slope and thickness of the specimen slab in a reconstruction.
 
     Parameters
     ----------
     volume_zyx
-        ``(z, y, x)`` reconstruction (any contrast), y along the tilt axis.
-    max_pitch_deg, step_deg
-        Slopes searched.
+        ``(z, y, x)`` reconstruction (y along the tilt axis), thicker than the specimen.
+    thickness_px
+        Specimen thickness if known otherwise (e.g. from
+        :func:`tomodask.kernels.tilt_exclusion.ice_slab_from_intensity`), in voxels.
+    estimate_slope
+        Fit the slab's slope (else it is level).
+    slope_deg
+        The slab's slope if known otherwise (e.g. from the tilt-angle offset of
+        :func:`tomodask.kernels.tilt_exclusion.ice_slab_from_intensity`, ``-offset``).
+    image_yx, image_tilt_angle_deg
+        An aligned tilt (axis along y, the volume's pixel size and centre), best the one
+        nearest 0°, and its angle: the bead radius is measured on it (without it, beads on
+        one surface give no mid-plane).
+    features
+        ``((k, 3) positions (z, y, x), (k,) strengths)`` of the volume's strongest features
+        if already measured more precisely (e.g. :attr:`FeatureFit.positions_zyx`, heights
+        from the parallax over all tilts); by default its local maxima.
+    max_slope_deg
+        Largest slope searched when only the structure tells.
+    strong_ratio
+        A local maximum of the structure energy this many times the median of the 60
+        strongest is a bead (gold).
+    min_layer_gap_px
+        Beads whose heights differ by more than this lie on different surfaces.
 
     Returns
     -------
-    pitch_deg, z_center_px
-        Angle of the slab in the ``(x, z)`` plane (``z = x tan(pitch) + z0``, counter-
-        clockwise from +x toward +z) and ``z0``, the height of its centre above the
-        volume centre, in voxels.
+    SpecimenGeometry
 
     Notes
     -----
-    The structure energy ``E(z, x) = sum_y V^2`` is sheared by each candidate slope and
-    summed over x; the slope whose z-profile is most compact (smallest second moment
-    above the noise floor) is the slab's.
+    Gold beads sit at the air-water interfaces, so beads on both surfaces give the
+    mid-plane (halfway between the two bead layers, fitted with a common slope) to a
+    fraction of a voxel. Beads on one surface give that surface (layer height plus or
+    minus the bead radius, measured on a projection); with a known
+    thickness the mid-plane is half of it away, on the side where the rest of the
+    structure is. Without beads (or a thickness) the mid-plane is the centroid of the
+    structure energy of the reconstruction (clipped so that beads weigh as much as any
+    other structure), sheared by the slope that makes it most compact: a weaker estimate,
+    biased by where the particles happen to be.
     """
-    xp = get_array_module(volume_zyx)
-    v = volume_zyx - volume_zyx.mean(axis=(1, 2), keepdims=True)
-    energy = to_numpy((v * v).sum(axis=1)).astype(np.float64)  # (z, x)
-    nz, nx = energy.shape
-    z = np.arange(nz) - (nz - 1) / 2
-    x = np.arange(nx) - (nx - 1) / 2
-
-    def profile(pitch: float) -> np.ndarray:
-        tan = np.tan(np.deg2rad(pitch))
-        out = np.zeros(nz)
-        for j in range(nx):
-            out += np.interp(z + x[j] * tan, z, energy[:, j], left=0.0, right=0.0)
-        return out
-
-    def spread(p: np.ndarray) -> tuple[float, float]:
-        w = np.clip(p - np.percentile(p, 10), 0.0, None)
-        total = w.sum() or 1.0
-        centre = float((w * z).sum() / total)
-        return float(np.sqrt((w * (z - centre) ** 2).sum() / total)), centre
-
-    pitches = np.arange(-max_pitch_deg, max_pitch_deg + 1e-9, step_deg)
-    spreads = np.array([spread(profile(p))[0] for p in pitches])
-    j = int(np.argmin(spreads))
-    best = float(pitches[j])
-    if 0 < j < len(pitches) - 1:
-        den = spreads[j - 1] - 2 * spreads[j] + spreads[j + 1]
-        if den > 0:
-            best += step_deg * 0.5 * (spreads[j - 1] - spreads[j + 1]) / den
-    _, centre = spread(profile(best))
-    del xp
-    return best, centre
+    nz, ny, nx = volume_zyx.shape
+    if features is None:
+        feats, values = _volume_features(volume_zyx, n_max=60, separation_px=4, border_fraction=(0.1, 0.1))
+    else:
+        feats, values = np.asarray(features[0], dtype=np.float64), np.asarray(features[1], dtype=np.float64)
+    strong = values >= strong_ratio * np.median(values) if len(values) >= 10 else np.zeros(len(values), bool)
+    beads = _centroids(volume_zyx, feats[strong]) if features is None else feats[strong]
+    radius = _bead_radius_px(image_yx, image_tilt_angle_deg, beads) if len(beads) and image_yx is not None else 0.0
+    energy = None
+    if len(beads):
+        labels = _layers(beads[:, 0], min_gap_px=min_layer_gap_px)
+        z_beads = beads[:, 0] - (0.0 if slope_deg is None else beads[:, 2] * np.tan(np.deg2rad(slope_deg)))
+        heights, slope = _fit_layers(z_beads, beads[:, 2], labels, slope=estimate_slope and slope_deg is None,
+                                     min_spread_px=0.2 * nx)
+        if slope_deg is None:
+            slope_deg = float(np.clip(np.rad2deg(np.arctan(slope)), -max_slope_deg, max_slope_deg))
+        if len(heights) == 2:
+            return SpecimenGeometry(z_center_px=float(heights.mean()), slope_deg=slope_deg,
+                                    thickness_px=float(heights[1] - heights[0] + 2 * radius),
+                                    method="gold on both surfaces")
+        if thickness_px is not None and np.isfinite(thickness_px) and thickness_px > 2 * radius > 0:
+            energy = _structure_energy(volume_zyx, beads, radius)
+            profile = _sheared_profile(energy, slope_deg)
+            z = np.arange(nz) - (nz - 1) / 2
+            a = float(heights[0])
+            above = profile[(z > a + 2 * radius) & (z < a + thickness_px)].mean() if (z > a + 2 * radius).any() else 0
+            below = profile[(z < a - 2 * radius) & (z > a - thickness_px)].mean() if (z < a - 2 * radius).any() else 0
+            side = 1.0 if above >= below else -1.0
+            return SpecimenGeometry(z_center_px=a + side * (thickness_px / 2 - radius), slope_deg=slope_deg,
+                                    thickness_px=float(thickness_px),
+                                    method="gold on one surface, ice thickness from intensity")
+    if energy is None:
+        energy = _structure_energy(volume_zyx, beads, radius)
+    if slope_deg is not None or not estimate_slope:
+        slope_deg = 0.0 if slope_deg is None else float(slope_deg)
+    else:
+        slopes = np.arange(-max_slope_deg, max_slope_deg + 1e-9, 0.5)
+        spreads = np.array([_centre_and_spread(_sheared_profile(energy, s))[1] for s in slopes])
+        j = int(np.argmin(spreads))
+        slope_deg = float(slopes[j])
+        if 0 < j < len(slopes) - 1:
+            den = spreads[j - 1] - 2 * spreads[j] + spreads[j + 1]
+            if den > 0:
+                slope_deg += 0.5 * 0.5 * (spreads[j - 1] - spreads[j + 1]) / den
+    centre, spread = _centre_and_spread(_sheared_profile(energy, slope_deg))
+    thickness = float(thickness_px) if thickness_px is not None and np.isfinite(thickness_px) else 2 * np.sqrt(3) * spread
+    return SpecimenGeometry(z_center_px=centre, slope_deg=slope_deg, thickness_px=thickness, method="structure")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -646,16 +1166,19 @@ class TiltSeriesAlignment:
     ----------
     shifts_px
         ``(t, 2)`` displacements ``(dy, dx)`` of each tilt's content, input pixels (NaN
-        for tilts excluded before alignment).
+        for tilts excluded before alignment). The rotation centre they imply is the
+        specimen's mid-plane (see ``specimen_z_offset_angstrom``).
     tilt_axis_angle_deg
         Refined tilt-axis angle, counter-clockwise from Y.
     tilt_angles_deg
         ``(t,)`` refined tilt angles: the given ones plus ``tilt_angle_offset_deg``.
     tilt_angle_offset_deg
-        Offset added to the given angles (0: not estimated yet).
+        Offset added to the given angles so that the specimen slab is level (0 when not
+        estimated).
     residual_px
-        ``(t,)`` size of the last projection-matching correction, input pixels (how far
-        the tilt still moved when alignment stopped; NaN for excluded tilts).
+        ``(t,)`` after the final pass, the distance (input pixels) from each tilt to the
+        correlation peak with its leave-one-out reprojection, translations of the whole
+        tomogram removed (NaN for excluded tilts).
     correlation
         ``(t,)`` normalised correlation of each tilt with its leave-one-out reprojection.
     excluded
@@ -668,8 +1191,13 @@ class TiltSeriesAlignment:
     nominal_tilt_axis_angle_deg
         The starting tilt-axis angle.
     specimen_z_offset_angstrom
-        Height of the specimen centre above the rotation centre found before centring
-        (the shifts include the correction).
+        Height of the specimen's mid-plane above the rotation centre of the aligned
+        correlation chain, before centring (the shifts include the correction).
+    specimen_thickness_angstrom
+        Thickness of the specimen as the centring step saw it (NaN: unknown).
+    centring_method
+        How the mid-plane was found (:class:`SpecimenGeometry` ``method``; ``""`` when
+        centring was off).
     """
 
     shifts_px: np.ndarray
@@ -684,52 +1212,18 @@ class TiltSeriesAlignment:
     alignment_pixel_size_angstrom: float
     nominal_tilt_axis_angle_deg: float
     specimen_z_offset_angstrom: float = 0.0
-
-    def xf_transforms(self) -> np.ndarray:
-        """``(t, 2, 3)`` IMOD ``.xf`` transforms (raw -> aligned, input pixels).
-
-        Excluded tilts without a shift get the rotation and zero shift.
-        """
-        from tomodask.io.imod import xf_from_alignment
-
-        return xf_from_alignment(np.nan_to_num(self.shifts_px), self.tilt_axis_angle_deg)
-
-    def write_imod(self, directory: str | Path, name: str) -> dict[str, Path]:
-        """Write ``name.xf``, ``name.tlt`` and ``name.rawtlt`` (and ``name_exclude.txt``).
-
-        Parameters
-        ----------
-        directory
-            Folder to write into (created if missing).
-        name
-            Base name of the tilt-series.
-
-        Returns
-        -------
-        dict
-            Paths written, keyed by ``"xf"``, ``"tlt"``, ``"rawtlt"``, ``"exclude"``.
-            ``name_exclude.txt`` lists the excluded views 1-based, comma-separated, as
-            IMOD's ``EXCLUDELIST`` takes them.
-        """
-        from tomodask.io.imod import write_tlt, write_xf
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {
-            "xf": write_xf(out / f"{name}.xf", self.xf_transforms()),
-            "tlt": write_tlt(out / f"{name}.tlt", self.tilt_angles_deg),
-            "rawtlt": write_tlt(out / f"{name}.rawtlt", self.tilt_angles_deg - self.tilt_angle_offset_deg),
-        }
-        views = ",".join(str(i + 1) for i in np.flatnonzero(self.excluded))
-        paths["exclude"] = out / f"{name}_exclude.txt"
-        paths["exclude"].write_text(views + "\n", encoding="ascii")
-        return paths
+    specimen_thickness_angstrom: float = float("nan")
+    centring_method: str = ""
 
 
-def _robust_low(values: np.ndarray, keep: np.ndarray, fraction: float) -> np.ndarray:
-    """Tilts whose value is below ``fraction`` of the median of the kept ones."""
-    ref = float(np.median(values[keep])) if keep.any() else 0.0
-    return keep & ~(values >= fraction * ref)
+def _neighbour_median(values: np.ndarray, angles: np.ndarray, idx: np.ndarray, k: int = 4) -> np.ndarray:
+    """For each of ``idx``, the median of ``values`` over its ``k`` nearest others in angle."""
+    out = np.empty(len(idx))
+    for n, i in enumerate(idx):
+        others = idx[idx != i]
+        near = others[np.argsort(np.abs(angles[others] - angles[i]))[:k]]
+        out[n] = np.median(values[near]) if len(near) else values[i]
+    return out
 
 
 def align_tilt_series(
@@ -747,16 +1241,21 @@ def align_tilt_series(
     tilt_axis_search_deg: float = 6.0,
     n_projection_matching_iterations: int = 4,
     center_specimen: bool = True,
+    estimate_tilt_angle_offset: bool = True,
     lowpass_angstrom: float = 18.0,
     highpass_angstrom: float = 240.0,
     min_relative_correlation: float = 0.5,
+    min_peak_ratio: float = 1.2,
+    max_shift_fraction: tuple[float, float] = (0.1, 0.3),
+    ice_mean_free_path_angstrom: float = 3500.0,
 ) -> TiltSeriesAlignment:
     """Align a tilt-series without fiducials (see the module docstring for the steps).
 
     Parameters
     ----------
     images_tyx
-        ``(t, y, x)`` tilt images (gain-corrected sums), numpy or cupy.
+        ``(t, y, x)`` tilt images (gain-corrected sums, same exposure per tilt), numpy or
+        cupy, sorted by tilt angle.
     tilt_angles_deg
         ``(t,)`` nominal (stage) tilt angles.
     pixel_size_angstrom
@@ -765,24 +1264,37 @@ def align_tilt_series(
         Nominal tilt-axis angle (the mdoc's), counter-clockwise from Y.
     alignment_pixel_size_angstrom
         Pixel size alignment works at (Fourier binning; no binning if smaller than the
-        input's).
+        input's). About 1/128 of the field of view is a good choice.
     specimen_thickness_angstrom
-        Thickness of the slab reconstructed for projection matching (capped at the image
-        width).
+        Thickness of the slab reconstructed for projection matching (at least the
+        specimen's; capped at 1.5 image widths).
     motion_px, ctf_fit_resolution_angstrom, user_excluded
         Passed to :func:`tomodask.kernels.tilt_exclusion.find_bad_tilts`.
     refine_tilt_axis
-        Refine the tilt-axis angle by common lines (searching ``tilt_axis_search_deg``
-        either side of the nominal one); else keep the nominal angle.
+        Refine the tilt-axis angle (common lines over ``tilt_axis_search_deg`` either
+        side of the nominal one, then :func:`tilt_axis_from_features`); else keep it.
     n_projection_matching_iterations
-        Rounds of leave-one-out projection matching (0: coarse shifts only).
+        Most rounds of leave-one-out projection matching per stage (fewer when the
+        corrections are below 0.05 px; 0: coarse shifts only).
     center_specimen
-        Move the rotation centre to the centre height of the specimen.
+        Move the rotation centre to the specimen's mid-plane (:func:`specimen_geometry`).
+    estimate_tilt_angle_offset
+        With ``center_specimen``, also make the specimen level by offsetting the angles.
     lowpass_angstrom, highpass_angstrom
         Band-pass of the correlations (wavelengths kept between them).
     min_relative_correlation
-        A tilt whose correlation with its reprojection is below this fraction of the
-        median is reported as ``"alignment failed (...)"`` and excluded.
+        A tilt whose correlation with its aligned neighbours is below this fraction of
+        theirs (or with its leave-one-out reprojection below half this fraction of its
+        neighbours') is reported as ``"alignment failed (...)"`` and excluded.
+    min_peak_ratio
+        A tilt whose correlation peak is less than this many times the next best one is
+        excluded the same way.
+    max_shift_fraction
+        ``(a, b)``: shifts are searched within ``size * (a + b |sin(theta)|)`` of the
+        neighbouring tilt's shift.
+    ice_mean_free_path_angstrom
+        Inelastic mean free path for the ice thickness used in centring when gold is on
+        one surface only (:func:`tomodask.kernels.tilt_exclusion.ice_slab_from_intensity`).
 
     Returns
     -------
@@ -815,71 +1327,205 @@ def align_tilt_series(
         img = images_tyx[i].astype(xp.float32)
         binned[i] = fourier_crop(img / img.mean() - 1.0, (by_, bx_))
     lp_px, hp_px = max(lowpass_angstrom / px_b, 1.0), highpass_angstrom / px_b
-    nz = int(np.clip(round(specimen_thickness_angstrom / px_b), 16, max(by_, bx_)))
+    nz = int(np.clip(round(specimen_thickness_angstrom / px_b), 16, 1.5 * max(by_, bx_))) // 2 * 2
+    ice_angstrom, intensity_offset_deg = ice_slab_from_intensity(
+        images_tyx, angles, usable=use, mean_free_path_angstrom=ice_mean_free_path_angstrom)
+    ice_px = ice_angstrom / px_b if np.isfinite(ice_angstrom) else None
+    # Work with the angles that level the slab from the start (stretching and matching
+    # are exact only with the true angles).
+    nominal = angles
+    prior_offset = intensity_offset_deg if estimate_tilt_angle_offset and np.isfinite(intensity_offset_deg) else 0.0
+    angles = nominal + prior_offset
+    sin_t = np.sin(np.deg2rad(angles))
 
-    # Coarse shifts and the tilt axis.
+    # Coarse shifts; tilt axis by common lines, then by the 3D-feature model.
     axis = float(tilt_axis_angle_deg)
-    shifts_b, _, failed = coarse_align_shifts(binned, angles, tilt_axis_angle_deg=axis, usable=use,
-                                              lowpass_px=lp_px, highpass_px=hp_px)
+    coarse_corr = _Correlator((by_, bx_), lowpass_px=lp_px, highpass_px=hp_px, xp=xp,
+                              mask=_taper((by_, bx_), fraction=0.1, xp=xp))
+    matcher = _Matcher(binned, lowpass_px=lp_px, highpass_px=hp_px, thickness_px=nz)
+    thick_nz = int(min(2 * nz, 2 * max(by_, bx_)))
+
+    def coarse(axis_deg: float):
+        return coarse_align_shifts(binned, angles, tilt_axis_angle_deg=axis_deg, usable=use, lowpass_px=lp_px,
+                                   highpass_px=hp_px, max_shift_fraction=max_shift_fraction,
+                                   min_peak_ratio=min_peak_ratio)
+
+    def features(idx: np.ndarray, shifts: np.ndarray, axis_deg: float, angles_used: np.ndarray,
+                 *, fit_axis: bool) -> FeatureFit:
+        aligned = matcher.aligned(idx, shifts, axis_deg)
+        return refine_with_features(aligned, angles_used[idx], _wbp(aligned, angles_used[idx], thickness_px=nz),
+                                    fit_axis=fit_axis)
+
+    z_total_px = 0.0
+    geometry = None
+
+    def centre(idx: np.ndarray, *, slope: bool, parallax: bool = False) -> None:
+        # Correlation follows the strongest layer: move the rotation centre to the mid-plane.
+        nonlocal shifts_b, z_total_px, geometry
+        aligned = matcher.aligned(idx, shifts_b, axis)
+        volume = _wbp(aligned, angles[idx], thickness_px=thick_nz)
+        known = 0.0 if slope and prior_offset != 0.0 else None
+        k0 = int(np.argmin(np.abs(angles[idx])))
+        found = None
+        if parallax:
+            fit = refine_with_features(aligned, angles[idx], _wbp(aligned, angles[idx], thickness_px=nz),
+                                       fit_axis=False)
+            found = (fit.positions_zyx, fit.strength) if len(fit.strength) >= 10 else None
+        geometry = specimen_geometry(volume, thickness_px=ice_px, estimate_slope=slope, slope_deg=known,
+                                     image_yx=aligned[k0], image_tilt_angle_deg=float(angles[idx][k0]),
+                                     features=found)
+        z_total_px += geometry.z_center_px
+        a = np.deg2rad(axis)
+        shifts_b = shifts_b + geometry.z_center_px * sin_t[:, None] * np.array([np.sin(a), np.cos(a)])[None, :]
+
+    shifts_b, coarse_ncc, _, reliable = coarse(axis)
+    _DEBUG and _DEBUG('coarse', shifts_b, axis, use & reliable)
     if refine_tilt_axis:
-        for search, step in ((tilt_axis_search_deg, 1.0), (1.0, 0.25)):
-            ok = use & ~failed
+        if tilt_axis_search_deg > 0:
+            ok = use & reliable
             axis, _ = refine_tilt_axis_angle(binned[ok], shifts_px=shifts_b[ok], tilt_axis_angle_deg=axis,
-                                             search_range_deg=search, step_deg=step)
-            shifts_b, _, failed = coarse_align_shifts(binned, angles, tilt_axis_angle_deg=axis, usable=use,
-                                                      lowpass_px=lp_px, highpass_px=hp_px)
+                                             search_range_deg=tilt_axis_search_deg, step_deg=1.0)
+            shifts_b, coarse_ncc, _, reliable = coarse(axis)
+        # The feature model needs the specimen inside its slab: centre first. Coarse shifts
+        # are redone (and centred) whenever the axis has moved much since they were made.
+        idx = np.flatnonzero(use & reliable)
+        centre(idx, slope=False)
+        axis_coarse = axis
+        for n in range(8):
+            fit = features(idx, shifts_b, axis, angles, fit_axis=True)
+            if fit.n_features < 3:
+                break
+            step = float(np.clip(fit.axis_correction_deg, -1.0, 1.0))
+            axis += step
+            shifts_b[idx] += matcher.to_raw(fit.shift_corrections_uv, axis)
+            if abs(axis - axis_coarse) > 0.3:
+                shifts_b, coarse_ncc, _, reliable = coarse(axis)
+                idx = np.flatnonzero(use & reliable)
+                z_total_px = 0.0
+                centre(idx, slope=False)
+                axis_coarse = axis
+            elif n >= 2 and abs(step) < 0.02:
+                break
+        _DEBUG and _DEBUG('axis loop', shifts_b, axis, use & reliable)
+        if abs(axis - axis_coarse) > 0.05:
+            shifts_b, coarse_ncc, _, reliable = coarse(axis)
+            z_total_px = 0.0
+            _DEBUG and _DEBUG('coarse 2', shifts_b, axis, use & reliable)
 
-    a_rad = np.deg2rad(axis)
-    u_hat_yx = np.array([np.sin(a_rad), np.cos(a_rad)])
-    ok = use & ~failed
-    z0_px = 0.0
-    if center_specimen:
-        # Correlation follows the strongest layer (e.g. gold on one surface): put the
-        # centre of the specimen's structure on the rotation centre before matching.
-        aligned = apply_alignment(binned[ok], shifts_px=shifts_b[ok], tilt_axis_angle_deg=axis, order=1, fill="zero")
-        _, volume = leave_one_out_reprojections(aligned, angles[ok], thickness_px=int(2 * max(by_, bx_)))
-        _, z0_px = specimen_pitch_and_height(volume, max_pitch_deg=0.0)
-        shifts_b = shifts_b + z0_px * np.sin(np.deg2rad(angles))[:, None] * u_hat_yx[None, :]
+    # Second chance for tilts the chain could not place: aligned neighbours on both sides
+    # make the reference. Then every tilt once more against its two neighbours.
+    failed: dict[int, str] = {}
+    ok = use & reliable
+    radius = _search_radius_px(angles, min(by_, bx_), max_shift_fraction)
 
-    # Projection matching, dropping tilts that do not match their reprojection.
-    last = np.zeros(n_t)
-    ncc = np.full(n_t, np.nan)
+    def neighbour_match(i: int, centre_yx: np.ndarray, radius_px: float, n_side: int):
+        good = np.flatnonzero(ok)
+        good = good[good != i]
+        sources = np.concatenate([good[good < i][-n_side:], good[good > i][:n_side]])
+        if len(sources) == 0:
+            return None
+        reference = _stretched_reference(binned, angles, i, sources, shifts_b, tilt_axis_angle_deg=axis)
+        d, c, r = coarse_corr.match(coarse_corr.prepare(binned[i][None]), coarse_corr.prepare(reference[None]),
+                                    centres_yx=centre_yx[None], radii_px=radius_px)
+        return d[0], float(c[0]), float(r[0]), float(np.median(coarse_ncc[sources]))
 
-    def match(n_iter: int) -> None:
+    for i in np.flatnonzero(use & ~reliable):
+        good = np.flatnonzero(ok)
+        nearest = np.concatenate([good[good < i][-1:], good[good > i][:1]])
+        found = neighbour_match(int(i), shifts_b[nearest].mean(axis=0), radius[i], 2) if len(nearest) else None
+        if found is None:
+            failed[i] = f"{ALIGNMENT_FAILED} (no aligned neighbours)"
+        elif found[2] >= min_peak_ratio and found[1] >= min_relative_correlation * found[3]:
+            shifts_b[i], ok[i] = found[0], True
+        else:
+            failed[i] = (f"{ALIGNMENT_FAILED} (correlation {found[1]:.2f} with its neighbours, typical "
+                         f"{found[3]:.2f}, peak ratio {found[2]:.2f})")
+    start = int(np.flatnonzero(ok)[np.argmin(np.abs(nominal[ok]))])
+
+    def symmetric_pass() -> None:
         nonlocal shifts_b
-        shifts_b, last_i, ncc_i = _projection_matching(binned, angles, axis_deg=axis, shifts_bin=shifts_b, use=ok,
-                                                       thickness_px=nz, n_iterations=n_iter, lowpass_px=lp_px,
-                                                       highpass_px=hp_px)
-        last[ok], ncc[ok] = last_i[ok], ncc_i[ok]
+        refined = shifts_b.copy()
+        for i in np.flatnonzero(ok):
+            if i != start:
+                found = neighbour_match(int(i), shifts_b[i], matcher.small_radius_px, 1)
+                refined[i] = found[0] if found is not None else shifts_b[i]
+        shifts_b = refined
 
-    if n_projection_matching_iterations > 0:
-        match(n_projection_matching_iterations)
-        if refine_tilt_axis:
-            axis, _ = refine_tilt_axis_angle(binned[ok], shifts_px=shifts_b[ok], tilt_axis_angle_deg=axis,
-                                             search_range_deg=1.0, step_deg=0.25)
-            match(2)
-        bad = _robust_low(ncc, ok, min_relative_correlation)
-        if bad.any():
-            failed |= bad
-            ok &= ~bad
-            match(2)
-    median_ncc = float(np.median(ncc[ok])) if np.isfinite(ncc[ok]).any() else float("nan")
-    for i in np.flatnonzero(use & failed):
-        reasons[i] = f"{ALIGNMENT_FAILED} (correlation {ncc[i]:.2f}, median {median_ncc:.2f})" if np.isfinite(
-            ncc[i]) else f"{ALIGNMENT_FAILED} (no correlation peak with its neighbours)"
-    offset = 0.0
+    symmetric_pass()
+    _DEBUG and _DEBUG('symmetric', shifts_b, axis, ok)
+
+    centre(np.flatnonzero(ok), slope=False)
+    # Global consistency: the 3D-feature model corrects what neighbour correlations cannot
+    # see (e.g. the chain following gold on one side of the series and other structure on
+    # the other).
+    fit = None
+    for n in range(int(n_projection_matching_iterations)):
+        idx = np.flatnonzero(ok)
+        if n and MODE == 'alt':
+            symmetric_pass()
+            _DEBUG and _DEBUG('sym', shifts_b, axis, ok)
+        fit = features(idx, shifts_b, axis, angles, fit_axis=False)
+        if fit.n_features < 3:
+            break
+        shifts_b[idx] += matcher.to_raw(fit.shift_corrections_uv, axis)
+        _DEBUG and _DEBUG('consistency', shifts_b, axis, ok)
+        if np.abs(fit.shift_corrections_uv).max() < 0.1:
+            break
+
+    offset = prior_offset
+    if center_specimen:
+        centre(np.flatnonzero(ok), slope=estimate_tilt_angle_offset, parallax=True)
+        if estimate_tilt_angle_offset:
+            offset -= geometry.slope_deg
+    else:
+        # Matching needed the specimen centred; give back the correlation chain's centre.
+        a = np.deg2rad(axis)
+        shifts_b = shifts_b - z_total_px * sin_t[:, None] * np.array([np.sin(a), np.cos(a)])[None, :]
+        z_total_px, geometry = 0.0, None
+    final_angles = nominal + offset
+
+    # Gauge: the tilt nearest 0 degrees keeps zero displacement (the field the operator
+    # chose); the x translation of the tomogram (cos) and its y translation restore it.
+    a = np.deg2rad(axis)
+    across, along = np.array([np.sin(a), np.cos(a)]), np.array([np.cos(a), -np.sin(a)])
+    start = int(np.flatnonzero(ok)[np.argmin(np.abs(nominal[ok]))])
+    cos_f = np.cos(np.deg2rad(final_angles))
+    shifts_b = (shifts_b - (shifts_b[start] @ across) * (cos_f / cos_f[start])[:, None] * across[None, :]
+                - (shifts_b[start] @ along) * along[None, :])
+
+    # Residuals against leave-one-out reprojections, and failure detection.
+    ncc = np.full(n_t, np.nan)
+    residual_b = np.full(n_t, np.nan)
+    for _ in range(2):
+        idx = np.flatnonzero(ok)
+        update, c, _ = matcher.measure(idx, shifts_b, axis, final_angles)
+        ncc[idx] = c
+        residual_b[idx] = np.hypot(update[:, 0], update[:, 1])
+        typical = _neighbour_median(ncc, final_angles, idx)
+        bad = c < 0.5 * min_relative_correlation * typical
+        if not bad.any() or len(idx) - bad.sum() < 3:
+            break
+        for k in np.flatnonzero(bad):
+            failed[int(idx[k])] = (f"{ALIGNMENT_FAILED} (correlation {c[k]:.2f} with its reprojection, "
+                                   f"neighbours {typical[k]:.2f})")
+            ok[idx[k]] = False
+    for i, why in failed.items():
+        reasons[i] = why
+    ok &= np.array([r == "" for r in reasons])
+    ncc[~ok] = np.nan
+    residual_b[~ok] = np.nan
 
     shifts = shifts_b * bin_yx[None, :] - (bin_yx[None, :] - 1.0) / 2.0
     shifts[~use] = np.nan
-    residual = last * float(bin_yx.mean())
-    residual[~ok] = np.nan
     excluded = np.array([r != "" for r in reasons])
     return TiltSeriesAlignment(
-        shifts_px=shifts, tilt_axis_angle_deg=float(axis), tilt_angles_deg=angles + offset,
-        tilt_angle_offset_deg=float(offset), residual_px=residual, correlation=ncc, excluded=excluded,
-        exclusion_reason=tuple(reasons), pixel_size_angstrom=float(pixel_size_angstrom),
+        shifts_px=shifts, tilt_axis_angle_deg=float(axis), tilt_angles_deg=final_angles,
+        tilt_angle_offset_deg=float(offset), residual_px=residual_b * float(bin_yx.mean()), correlation=ncc,
+        excluded=excluded, exclusion_reason=tuple(reasons), pixel_size_angstrom=float(pixel_size_angstrom),
         alignment_pixel_size_angstrom=px_b, nominal_tilt_axis_angle_deg=float(tilt_axis_angle_deg),
-        specimen_z_offset_angstrom=float(z0_px * px_b),
+        specimen_z_offset_angstrom=float(z_total_px * px_b),
+        specimen_thickness_angstrom=float(geometry.thickness_px * px_b) if geometry is not None else float("nan"),
+        centring_method=geometry.method if geometry is not None else "",
     )
 
 
