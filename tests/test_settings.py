@@ -80,3 +80,8 @@ def test_step_hash_changes_only_with_its_inputs():
     c.processing.ctf.tile_size_px = 256
     assert a.step_hash("movie") != c.step_hash("movie")
     assert a.step_hash("tilt_series") != c.step_hash("tilt_series")
+
+
+def test_unsupported_single_file_tilt_series_is_refused_with_the_fix():
+    with pytest.raises(SettingsError, match="raw_data.single_file_tilt_series: .*not supported yet.*one movie per tilt"):
+        SessionSettings.from_dict({"raw_data": {"single_file_tilt_series": True}})

@@ -120,6 +120,14 @@ class RawDataSettings(_Model):
     )
     use_mdoc: bool = Field(default=True, description="Read tilt angles, doses and completeness from .mdoc files.")
 
+    @field_validator("single_file_tilt_series")
+    @classmethod
+    def _single_file(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("single-file tilt-series are not supported yet; set it to false and let the "
+                             "microscope save one movie per tilt (SerialEM 'Save frames')")
+        return v
+
     @field_validator("frame_pattern")
     @classmethod
     def _pattern(cls, v: str) -> str:
@@ -197,10 +205,6 @@ class CTFSettings(_Model):
     resolution_high_angstrom: Annotated[float, Field(gt=0.0)] = 5.0
     tile_size_px: Annotated[int, Field(ge=64, le=2048)] = 512
     fit_phase_shift: bool = False
-    max_fit_resolution_angstrom: Annotated[float, Field(gt=0.0)] = Field(
-        default=20.0, description="Tilts whose CTF fit is worse than this are flagged for exclusion."
-    )
-
     @model_validator(mode="after")
     def _ranges(self) -> CTFSettings:
         if self.defocus_min_angstrom >= self.defocus_max_angstrom:
@@ -216,9 +220,7 @@ class TiltSeriesAlignmentSettings(_Model):
     alignment_pixel_size_angstrom: Annotated[float, Field(gt=0.0)] = 10.0
     refine_tilt_axis: bool = True
     refine_tilt_angle_offset: bool = True
-    method: Literal["projection-matching", "patch-tracking", "cross-correlation"] = "projection-matching"
     refinement_iterations: Annotated[int, Field(ge=0, le=20)] = 3
-    exclude_dark_tilts: bool = True
     exclude_tilt_indices: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=list, description="Acquisition indices the user excludes by hand."
     )

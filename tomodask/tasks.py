@@ -202,7 +202,8 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
     movies = sorted(movies, key=lambda m: m["tilt_angle_deg"])
     root = zarr.open_group(LocalStore(req.zarr_path), mode="r")
     xp = default_array_module()
-    stack = xp.stack([to_device(root[f"movies/{m['movie']}/dose_weighted_sum"][...], xp) for m in movies])
+    sums = "dose_weighted_sum" if s.processing.frame_alignment.dose_weighting else "aligned_sum"
+    stack = xp.stack([to_device(root[f"movies/{m['movie']}/{sums}"][...], xp) for m in movies])
     angles = np.array([m["tilt_angle_deg"] for m in movies])
     px = float(movies[0]["pixel_size_angstrom"])
     axis_nominal = mic.tilt_axis_angle_deg
@@ -220,7 +221,8 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
                            motion_px=np.array([m["total_motion_px"] for m in movies]),
                            ctf_fit_resolution_angstrom=np.array([m["ctf_fit_resolution_angstrom"] for m in movies]),
                            user_excluded=user, refine_tilt_axis=ta.refine_tilt_axis,
-                           n_projection_matching_iterations=ta.refinement_iterations)
+                           n_projection_matching_iterations=ta.refinement_iterations,
+                           estimate_tilt_angle_offset=ta.refine_tilt_angle_offset)
     t_align = time.perf_counter()
     write_alignment(req.alignment_dir, req.tilt_series, shifts_px=al.shifts_px,
                     tilt_axis_angle_deg=al.tilt_axis_angle_deg, tilt_angles_deg=al.tilt_angles_deg,
