@@ -73,9 +73,6 @@ from tomodask.kernels.reconstruct import reconstruction_filter
 from tomodask.kernels.tilt_exclusion import ALIGNMENT_FAILED, find_bad_tilts, ice_slab_from_intensity
 
 FILLS = ("mean", "zero")
-RIDGE = 0.5
-_DEBUG = None
-MODE = "none"
 
 
 # --------------------------------------------------------------------------- geometry
@@ -643,6 +640,7 @@ def refine_with_features(
     highpass_px: float = 12.0,
     max_lag_px: float = 4.0,
     fit_axis: bool = True,
+    shift_prior_px: float = 0.5,
 ) -> FeatureFit:
     """Shift and tilt-axis corrections from strong 3D features followed through the tilts.
 
@@ -664,6 +662,9 @@ def refine_with_features(
         Largest displacement of a feature from its predicted position.
     fit_axis
         Fit the tilt-axis correction (else 0).
+    shift_prior_px
+        Standard deviation of a zero-mean prior on each tilt's correction: it damps what
+        the features barely see (a tilt where one bead is left) and nothing else.
 
     Returns
     -------
@@ -728,14 +729,14 @@ def refine_with_features(
     obs = np.concatenate([offsets[t_i, k_i, 1], offsets[t_i, k_i, 0]])
     kk = np.concatenate([k_i, k_i])
     # Gauge: the features as a whole do not move (the tomogram is not translated) and the
-    # tilts' mean shift across the axis does not change; a weak prior (RIDGE px) on each
+    # tilts' mean shift across the axis does not change; a weak prior on each
     # tilt's correction damps what the features barely see.
     prior = np.zeros((n_unknown, n_unknown))
     for g in range(3):
         block = slice(2 * n_t + g * n_k, 2 * n_t + (g + 1) * n_k)
         prior[block, block] += 1e6 / n_k**2
     prior[:n_t, :n_t] += 1e6 / n_t**2
-    prior[np.arange(2 * n_t), np.arange(2 * n_t)] += 1.0 / RIDGE**2
+    prior[np.arange(2 * n_t), np.arange(2 * n_t)] += 1.0 / shift_prior_px**2
     if not fit_axis:
         prior[-1, -1] += 1.0
     robust = np.ones(2 * m)
@@ -1176,9 +1177,14 @@ class TiltSeriesAlignment:
         Offset added to the given angles so that the specimen slab is level (0 when not
         estimated).
     residual_px
-        ``(t,)`` after the final pass, the distance (input pixels) from each tilt to the
-        correlation peak with its leave-one-out reprojection, translations of the whole
-        tomogram removed (NaN for excluded tilts).
+        ``(t,)`` after the final pass, how far (input pixels) each tilt still is from
+        the 3D-feature model of :func:`refine_with_features`: the correction a further
+        round would make (unshrunk) and the rms scatter of its features about the model,
+        added in quadrature (IMOD ``tiltalign``'s residual, for patches of structure);
+        for a tilt where no feature was measured, the distance to the correlation peak
+        with its leave-one-out reprojection. A consistency measure: it does not see
+        errors that keep the series consistent (e.g. a wrong specimen height). NaN for
+        excluded tilts.
     correlation
         ``(t,)`` normalised correlation of each tilt with its leave-one-out reprojection.
     excluded
@@ -1379,7 +1385,6 @@ def align_tilt_series(
         shifts_b = shifts_b + geometry.z_center_px * sin_t[:, None] * np.array([np.sin(a), np.cos(a)])[None, :]
 
     shifts_b, coarse_ncc, _, reliable = coarse(axis)
-    _DEBUG and _DEBUG('coarse', shifts_b, axis, use & reliable)
     if refine_tilt_axis:
         if tilt_axis_search_deg > 0:
             ok = use & reliable
@@ -1391,12 +1396,20 @@ def align_tilt_series(
         idx = np.flatnonzero(use & reliable)
         centre(idx, slope=False)
         axis_coarse = axis
+        # The measured correction c(axis) falls with a slope (gain) below 1 when far off:
+        # secant steps with the gain estimated from the last two.
+        gain, last = 0.6, None
         for n in range(8):
             fit = features(idx, shifts_b, axis, angles, fit_axis=True)
             if fit.n_features < 3:
                 break
-            step = float(np.clip(fit.axis_correction_deg, -1.0, 1.0))
-            axis += step
+            c = float(fit.axis_correction_deg)
+            if last is not None and abs(axis - last[0]) > 0.1:
+                gain = float(np.clip((last[1] - c) / (axis - last[0]), 0.3, 1.2))
+            if n >= 2 and abs(c) < 0.02:
+                break
+            last = (axis, c)
+            axis += float(np.clip(c / gain, -1.0, 1.0))
             shifts_b[idx] += matcher.to_raw(fit.shift_corrections_uv, axis)
             if abs(axis - axis_coarse) > 0.3:
                 shifts_b, coarse_ncc, _, reliable = coarse(axis)
@@ -1404,13 +1417,9 @@ def align_tilt_series(
                 z_total_px = 0.0
                 centre(idx, slope=False)
                 axis_coarse = axis
-            elif n >= 2 and abs(step) < 0.02:
-                break
-        _DEBUG and _DEBUG('axis loop', shifts_b, axis, use & reliable)
-        if abs(axis - axis_coarse) > 0.05:
-            shifts_b, coarse_ncc, _, reliable = coarse(axis)
-            z_total_px = 0.0
-            _DEBUG and _DEBUG('coarse 2', shifts_b, axis, use & reliable)
+        # Neighbour correlations (next) need the chain's own centre, the strongest layer.
+        shifts_b, coarse_ncc, _, reliable = coarse(axis)
+        z_total_px = 0.0
 
     # Second chance for tilts the chain could not place: aligned neighbours on both sides
     # make the reference. Then every tilt once more against its two neighbours.
@@ -1452,23 +1461,17 @@ def align_tilt_series(
         shifts_b = refined
 
     symmetric_pass()
-    _DEBUG and _DEBUG('symmetric', shifts_b, axis, ok)
 
     centre(np.flatnonzero(ok), slope=False)
     # Global consistency: the 3D-feature model corrects what neighbour correlations cannot
     # see (e.g. the chain following gold on one side of the series and other structure on
     # the other).
-    fit = None
-    for n in range(int(n_projection_matching_iterations)):
+    for _ in range(int(n_projection_matching_iterations)):
         idx = np.flatnonzero(ok)
-        if n and MODE == 'alt':
-            symmetric_pass()
-            _DEBUG and _DEBUG('sym', shifts_b, axis, ok)
         fit = features(idx, shifts_b, axis, angles, fit_axis=False)
         if fit.n_features < 3:
             break
         shifts_b[idx] += matcher.to_raw(fit.shift_corrections_uv, axis)
-        _DEBUG and _DEBUG('consistency', shifts_b, axis, ok)
         if np.abs(fit.shift_corrections_uv).max() < 0.1:
             break
 
@@ -1493,7 +1496,9 @@ def align_tilt_series(
     shifts_b = (shifts_b - (shifts_b[start] @ across) * (cos_f / cos_f[start])[:, None] * across[None, :]
                 - (shifts_b[start] @ along) * along[None, :])
 
-    # Residuals against leave-one-out reprojections, and failure detection.
+    # Failure detection against leave-one-out reprojections; residuals: how far each tilt
+    # still is from where the 3D-feature model (or, without features, its leave-one-out
+    # reprojection) puts it.
     ncc = np.full(n_t, np.nan)
     residual_b = np.full(n_t, np.nan)
     for _ in range(2):
@@ -1509,6 +1514,13 @@ def align_tilt_series(
             failed[int(idx[k])] = (f"{ALIGNMENT_FAILED} (correlation {c[k]:.2f} with its reprojection, "
                                    f"neighbours {typical[k]:.2f})")
             ok[idx[k]] = False
+    idx = np.flatnonzero(ok)
+    aligned = matcher.aligned(idx, shifts_b, axis)
+    final = refine_with_features(aligned, final_angles[idx], _wbp(aligned, final_angles[idx], thickness_px=nz),
+                                 fit_axis=False, shift_prior_px=100.0)
+    if final.n_features >= 3:
+        model = np.sqrt((final.shift_corrections_uv**2).sum(axis=1) + np.nan_to_num(final.rms_px) ** 2)
+        residual_b[idx] = np.where(final.measured, model, residual_b[idx])
     for i, why in failed.items():
         reasons[i] = why
     ok &= np.array([r == "" for r in reasons])
