@@ -46,6 +46,18 @@ def check_track(track: str) -> tuple[str, ...]:
     return (track,)
 
 
+def _import_cluster_backend(profile: str) -> None:
+    """Import dask-jobqueue now, in the calling (main) thread, for SLURM profiles.
+
+    Importing it installs a SIGINT handler, which Python allows only in the main thread; the
+    pre-processing track starts its cluster from a worker thread.
+    """
+    from tomodask.cluster import profile_config
+
+    if profile_config(profile)["kind"] == "slurm":
+        import dask_jobqueue  # noqa: F401
+
+
 def clear_track(store: Store, session_id: int, layout: SessionLayout, track: str) -> None:
     """Delete one track's results and records; raw data in ``SESSION/raw`` stays.
 
@@ -91,6 +103,7 @@ class SessionRunner:
         self.profile = profile
         self.address = address
         self.cluster = None
+        _import_cluster_backend(profile)
         self._threads: dict[str, threading.Thread] = {}
         self._stops: dict[str, threading.Event] = {}
         self._preprocess: PreprocessTrack | None = None
