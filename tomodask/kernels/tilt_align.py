@@ -4,43 +4,44 @@ Steps of :func:`align_tilt_series`, all on a stack Fourier-binned to the alignme
 size (about 1/128 of the field of view):
 
 1. **Exclusion.** :func:`tomodask.kernels.tilt_exclusion.find_bad_tilts` drops dark,
-   blank, drifting and CTF-failed tilts and those the user excluded.
+   blank, drifting and CTF-failed tilts and those the user excluded. The fall of the
+   median intensity with tilt gives the ice thickness and the tilt-angle offset that
+   makes it symmetric (:func:`tomodask.kernels.tilt_exclusion.ice_slab_from_intensity`);
+   all later steps use the offset angles.
 2. **Coarse shifts** (:func:`coarse_align_shifts`). Outwards from the tilt nearest 0°,
    each tilt is cross-correlated with the sum of its nearest already-aligned neighbours,
    each stretched by ``cos(theta_j) / cos(theta_i)`` perpendicular to the axis and moved
    by its shift (IMOD ``tiltxcorr``'s cumulative correlation [1]_). The peak is searched
    in a disc around the neighbour's shift whose radius grows with ``|sin(theta)|``; a peak
-   not clearly above the next best one (peak ratio) marks the tilt as unreliable.
-3. **Tilt axis, coarse** (:func:`refine_tilt_axis_angle`): common lines, the projections
-   of all tilts onto the axis agree.
-4. **Projection matching, progressive.** The reliable tilts up to ±20° are matched to
-   their leave-one-out reprojections; then higher tilts are added a few at a time, each
-   correlated with the reprojection (at its angle) of the weighted back-projection of the
-   tilts already aligned, searched around its aligned neighbour's shift; then all tilts
-   are matched against their leave-one-out reprojections (the tilt's own back-projection
-   removed exactly with the linear projector of :mod:`tomodask.kernels.projector`) until
-   the largest correction is below 0.05 px. Corrections never move the gauge: a common
-   shift along the axis and the ``x cos(theta)`` and ``z sin(theta)`` terms across it
-   (translations of the tomogram) are left to steps 2 and 6.
-5. **Tilt axis, fine** (:func:`tilt_axis_from_features`): "local common lines". Strong
-   3D features of the reconstruction are followed through the aligned tilts; the position
-   of each along the axis must not change with tilt, and an axis error ``e`` moves it by
-   ``e * u`` (``u`` its position across the axis). A weighted fit over all features and
-   tilts gives the correction; matching and this step repeat until it is below 0.02°.
-6. **Specimen geometry** (:func:`specimen_geometry`). Correlation follows the strongest
-   layer (gold on one surface), which fixes neither the height of the rotation centre nor
-   the tilt-angle offset. A thick reconstruction gives the specimen's mid-plane height
-   ``z0`` and slope: from gold beads on both surfaces when present, else from one bead
-   layer and the ice thickness of the Beer-Lambert fall of intensity with tilt, else from
-   where the structure is. The tilt-angle offset is the one that makes that fall
-   symmetric (:func:`tomodask.kernels.tilt_exclusion.ice_slab_from_intensity`), else the
-   slope of the bead layers or of the structure. The shifts change by ``z0 sin(theta)``
-   across the axis and the tilt angles by the offset, which levels the slab.
-7. **Final pass and failure detection.** Leave-one-out matching with the final geometry;
-   ``residual_px`` is, per tilt, the distance from its leave-one-out reprojection's
-   correlation peak after the last correction. A tilt whose correlation is far below its
-   neighbours', or whose peak is ambiguous, is excluded with reason
-   ``"alignment failed (...)"`` rather than returned as junk.
+   not clearly above the next best one (peak ratio) or a weak correlation marks the tilt
+   as unreliable: it is not used as a reference. This chain follows the strongest layer
+   of the specimen (gold on one surface), so its rotation centre sits on that layer.
+3. **Tilt axis.** Common lines (:func:`refine_tilt_axis_angle`) bring the nominal axis
+   within a degree or two; then the 3D-feature model (:func:`refine_with_features`, step
+   5) measures the residual rotation from how strong features of the reconstruction move
+   along the axis with their position across it ("local common lines"), iterated with
+   secant steps (the coarse shifts are redone when the axis has moved).
+4. **Neighbour pass and second chance.** Every reliable tilt is correlated once more with
+   its two aligned neighbours; a tilt the chain could not place is correlated with the
+   reprojection, at its angle, of the weighted back-projection of all aligned tilts
+   (which holds a thick specimen's parallax), searched around its neighbours' shifts, and
+   excluded with reason ``"alignment failed (...)"`` if that peak is ambiguous or weak.
+5. **Global consistency** (:func:`refine_with_features`). Strong 3D features of the
+   reconstruction (gold beads, compact particles; streaks of gold rejected) are followed
+   through the tilts and fitted, like IMOD ``tiltalign``'s fiducials, with a shift per
+   tilt, a position per feature and the axis. This corrects what neighbour correlations
+   cannot see, e.g. a chain that follows gold on one side of the series and other
+   structure on the other.
+6. **Specimen geometry** (:func:`specimen_geometry`). A thick reconstruction gives the
+   specimen's mid-plane: halfway between gold beads on both surfaces (their heights from
+   the parallax between opposite tilts); with beads on one surface, that surface (bead
+   layer plus the bead radius measured on a projection) and half the Beer-Lambert
+   thickness; else where the structure is. The shifts change by ``z0 sin(theta)`` across
+   the axis, which puts the rotation centre on the mid-plane; the tilt nearest 0° keeps
+   zero displacement (the field the operator chose).
+7. **Residuals and failure detection.** Leave-one-out reprojections give each tilt's
+   correlation (and judge the tilts placed in step 4); ``residual_px`` is each tilt's
+   distance from the 3D-feature model after the final pass.
 
 Shifts follow :mod:`tomodask.kernels.geometry`: *displacements* ``(dy, dx)`` of each
 image's content, in input pixels. :func:`apply_alignment` undoes them and rotates the
@@ -466,6 +467,7 @@ def refine_tilt_axis_angle(
     step_deg: float = 1.0,
     lowpass_px: float = 1.5,
     highpass_px: float = 30.0,
+    n_refinements: int = 2,
 ) -> tuple[float, float]:
     """Refine the tilt-axis angle by common lines from a nominal value.
 
@@ -482,11 +484,14 @@ def refine_tilt_axis_angle(
         Grid searched around the start; then a finer grid and a parabola around the best.
     lowpass_px, highpass_px
         Band-pass of the profiles.
+    n_refinements
+        Finer grids (each a quarter of the step, 7 angles) around the best angle.
 
     Returns
     -------
     angle_deg, score
-        Refined angle and its :func:`common_line_score`.
+        Refined angle and its :func:`common_line_score` (the grid's best with a parabola
+        through its neighbours when ``n_refinements`` is 0).
     """
     def score(a: float) -> float:
         return common_line_score(images_tyx, shifts_px=shifts_px, tilt_axis_angle_deg=a,
@@ -494,9 +499,16 @@ def refine_tilt_axis_angle(
 
     grid = tilt_axis_angle_deg + np.arange(-search_range_deg, search_range_deg + 1e-9, step_deg)
     values = np.array([score(a) for a in grid])
-    best = float(grid[int(np.argmax(values))])
+    j = int(np.argmax(values))
+    best = float(grid[j])
+    if n_refinements == 0:
+        if 0 < j < len(grid) - 1:
+            den = values[j - 1] - 2 * values[j] + values[j + 1]
+            if den < 0:
+                best += step_deg * 0.5 * float(values[j - 1] - values[j + 1]) / float(den)
+        return best, float(values[j])
     step = step_deg
-    for _ in range(2):
+    for _ in range(n_refinements):
         step /= 4.0
         fine = best + step * np.arange(-3, 4)
         fvals = np.array([score(a) for a in fine])
@@ -509,7 +521,7 @@ def refine_tilt_axis_angle(
     return best, score(best)
 
 
-# --------------------------------------------------------------------------- 3D features, fine tilt axis
+# --------------------------------------------------------------------------- 3D features: shifts, tilt axis
 
 
 def _volume_features(volume_zyx, *, n_max: int = 40, separation_px: int = 5,
@@ -744,8 +756,8 @@ def refine_with_features(
     for _ in range(8):
         w2 = robust / (scale_k[kk] ** 2 + 0.03**2)
         normal = (design.T @ design.multiply(w2[:, None])).toarray() + prior
-        inverse = np.linalg.pinv(normal)
-        sol = inverse @ (design.T @ (w2 * obs))
+        normal[np.diag_indices(n_unknown)] += 1e-9 * float(np.trace(normal)) / n_unknown
+        sol = np.linalg.solve(normal, design.T @ (w2 * obs))
         resid = obs - design @ sol
         for k in range(n_k):
             sel = kk == k
@@ -762,7 +774,9 @@ def refine_with_features(
     rms[~measured] = np.nan
     corr_uv = np.stack([sol[:n_t], sol[n_t:2 * n_t]], axis=1)
     corr_uv[~measured] = 0.0
-    stderr = float(np.rad2deg(np.sqrt(max(inverse[-1, -1], 0.0)))) if fit_axis else float("inf")
+    unit = np.zeros(n_unknown)
+    unit[-1] = 1.0
+    stderr = float(np.rad2deg(np.sqrt(max(np.linalg.solve(normal, unit)[-1], 0.0)))) if fit_axis else float("inf")
     n_used = int(sum(scale_k[k] < 1.0 for k in range(n_k)))
     # Heights from parallax: between tilts theta_1 and theta_2 a feature moves by
     # x (cos 1 - cos 2) + z (sin 1 - sin 2) across the axis, and its template offset and the
@@ -785,7 +799,7 @@ def refine_with_features(
                       positions_zyx=positions, strength=strength)
 
 
-# --------------------------------------------------------------------------- projection matching
+# --------------------------------------------------------------------------- reprojections
 
 
 def _ramp_filtered(aligned_tyx, tilt_angles_deg: np.ndarray, *, thickness_px: int, radial_cutoff: float):
@@ -873,7 +887,7 @@ def _without_gauge(update_uv: np.ndarray, tilt_angles_deg: np.ndarray) -> np.nda
 
 
 class _Matcher:
-    """Projection matching on a binned stack: the state shared by the steps of the alignment."""
+    """The binned stack, its masked correlator and slab: what the steps of the alignment share."""
 
     def __init__(self, binned_tyx, *, lowpass_px: float, highpass_px: float, thickness_px: int):
         self.xp = get_array_module(binned_tyx)
@@ -1272,26 +1286,31 @@ def align_tilt_series(
         Pixel size alignment works at (Fourier binning; no binning if smaller than the
         input's). About 1/128 of the field of view is a good choice.
     specimen_thickness_angstrom
-        Thickness of the slab reconstructed for projection matching (at least the
-        specimen's; capped at 1.5 image widths).
+        Thickness of the slab reconstructed for the feature model and the leave-one-out
+        reprojections (at least the specimen's; capped at 1.5 image widths); centring
+        looks at twice that.
     motion_px, ctf_fit_resolution_angstrom, user_excluded
         Passed to :func:`tomodask.kernels.tilt_exclusion.find_bad_tilts`.
     refine_tilt_axis
         Refine the tilt-axis angle (common lines over ``tilt_axis_search_deg`` either
-        side of the nominal one, then :func:`tilt_axis_from_features`); else keep it.
+        side of the nominal one, then :func:`refine_with_features`); else keep it.
     n_projection_matching_iterations
-        Most rounds of leave-one-out projection matching per stage (fewer when the
-        corrections are below 0.05 px; 0: coarse shifts only).
+        Most rounds of the global 3D-feature consistency step (fewer when its corrections
+        are below 0.1 px; one usually suffices; 0: neighbour correlations only).
     center_specimen
         Move the rotation centre to the specimen's mid-plane (:func:`specimen_geometry`).
     estimate_tilt_angle_offset
-        With ``center_specimen``, also make the specimen level by offsetting the angles.
+        Offset the angles so that the specimen is level (from the intensity fall with
+        tilt, else with ``center_specimen`` from the slope of the bead layers or of the
+        structure).
     lowpass_angstrom, highpass_angstrom
         Band-pass of the correlations (wavelengths kept between them).
     min_relative_correlation
-        A tilt whose correlation with its aligned neighbours is below this fraction of
-        theirs (or with its leave-one-out reprojection below half this fraction of its
-        neighbours') is reported as ``"alignment failed (...)"`` and excluded.
+        A tilt whose correlation with its aligned neighbours (or, for one the neighbour
+        chain could not place, with the reprojection of the others) is below this
+        fraction of theirs is reported as ``"alignment failed (...)"`` and excluded; so is
+        such a tilt whose correlation with its leave-one-out reprojection ends below half
+        this fraction of its neighbours'.
     min_peak_ratio
         A tilt whose correlation peak is less than this many times the next best one is
         excluded the same way.
@@ -1421,48 +1440,52 @@ def align_tilt_series(
         shifts_b, coarse_ncc, _, reliable = coarse(axis)
         z_total_px = 0.0
 
-    # Second chance for tilts the chain could not place: aligned neighbours on both sides
-    # make the reference. Then every tilt once more against its two neighbours.
+    # Every reliable tilt once more against its two aligned neighbours (stretched, which
+    # needs the chain's own centre).
     failed: dict[int, str] = {}
     ok = use & reliable
-    radius = _search_radius_px(angles, min(by_, bx_), max_shift_fraction)
-
-    def neighbour_match(i: int, centre_yx: np.ndarray, radius_px: float, n_side: int):
-        good = np.flatnonzero(ok)
-        good = good[good != i]
-        sources = np.concatenate([good[good < i][-n_side:], good[good > i][:n_side]])
-        if len(sources) == 0:
-            return None
-        reference = _stretched_reference(binned, angles, i, sources, shifts_b, tilt_axis_angle_deg=axis)
-        d, c, r = coarse_corr.match(coarse_corr.prepare(binned[i][None]), coarse_corr.prepare(reference[None]),
-                                    centres_yx=centre_yx[None], radii_px=radius_px)
-        return d[0], float(c[0]), float(r[0]), float(np.median(coarse_ncc[sources]))
-
-    for i in np.flatnonzero(use & ~reliable):
-        good = np.flatnonzero(ok)
-        nearest = np.concatenate([good[good < i][-1:], good[good > i][:1]])
-        found = neighbour_match(int(i), shifts_b[nearest].mean(axis=0), radius[i], 2) if len(nearest) else None
-        if found is None:
-            failed[i] = f"{ALIGNMENT_FAILED} (no aligned neighbours)"
-        elif found[2] >= min_peak_ratio and found[1] >= min_relative_correlation * found[3]:
-            shifts_b[i], ok[i] = found[0], True
-        else:
-            failed[i] = (f"{ALIGNMENT_FAILED} (correlation {found[1]:.2f} with its neighbours, typical "
-                         f"{found[3]:.2f}, peak ratio {found[2]:.2f})")
     start = int(np.flatnonzero(ok)[np.argmin(np.abs(nominal[ok]))])
-
-    def symmetric_pass() -> None:
-        nonlocal shifts_b
-        refined = shifts_b.copy()
-        for i in np.flatnonzero(ok):
-            if i != start:
-                found = neighbour_match(int(i), shifts_b[i], matcher.small_radius_px, 1)
-                refined[i] = found[0] if found is not None else shifts_b[i]
-        shifts_b = refined
-
-    symmetric_pass()
-
+    refined = shifts_b.copy()
+    for i in np.flatnonzero(ok):
+        good = np.flatnonzero(ok)
+        sources = np.concatenate([good[good < i][-1:], good[good > i][:1]])
+        if i == start or len(sources) == 0:
+            continue
+        reference = _stretched_reference(binned, angles, i, sources, shifts_b, tilt_axis_angle_deg=axis)
+        d, _, _ = coarse_corr.match(coarse_corr.prepare(binned[i][None]), coarse_corr.prepare(reference[None]),
+                                    centres_yx=shifts_b[i][None], radii_px=matcher.small_radius_px)
+        refined[i] = d[0]
+    shifts_b = refined
     centre(np.flatnonzero(ok), slope=False)
+
+    # Second chance for tilts the chain could not place: the reprojection, at their angle,
+    # of all aligned tilts (which holds the parallax of a thick specimen) is the reference,
+    # searched around the shifts of their aligned neighbours.
+    retry = np.flatnonzero(use & ~reliable)
+    if len(retry):
+        good = np.flatnonzero(ok)
+        radius = _search_radius_px(angles, min(by_, bx_), max_shift_fraction)
+        volume = _wbp(matcher.aligned(good, shifts_b, axis), angles[good], thickness_px=nz)
+        reproj = project_volume(volume, angles[retry], n_detector_px=bx_)
+        rotated = apply_alignment(binned[retry], shifts_px=np.zeros((len(retry), 2)), tilt_axis_angle_deg=axis,
+                                  order=1, fill="zero")
+        rot = _rot_xy(axis)
+        centres = []
+        for i in retry:
+            nearest = np.concatenate([good[good < i][-1:], good[good > i][:1]])
+            centres.append((rot.T @ shifts_b[nearest].mean(axis=0)[::-1])[::-1])
+        ncc_fit = matcher.measure(good, shifts_b, axis, angles)[1]
+        d, c, r = matcher.corr.match(matcher.corr.prepare(rotated), matcher.corr.prepare(reproj),
+                                     centres_yx=np.array(centres), radii_px=radius[retry])
+        for k, i in enumerate(retry):
+            near = good[np.argsort(np.abs(angles[good] - angles[i]))[:4]]
+            typical = float(np.median(ncc_fit[np.searchsorted(good, near)]))
+            if r[k] >= min_peak_ratio and c[k] >= min_relative_correlation * typical:
+                shifts_b[i], ok[i] = (rot @ d[k][::-1])[::-1], True
+            else:
+                failed[int(i)] = (f"{ALIGNMENT_FAILED} (correlation {c[k]:.2f} with the reprojection of the "
+                                  f"others, typical {typical:.2f}, peak ratio {r[k]:.2f})")
+
     # Global consistency: the 3D-feature model corrects what neighbour correlations cannot
     # see (e.g. the chain following gold on one side of the series and other structure on
     # the other).
@@ -1507,7 +1530,9 @@ def align_tilt_series(
         ncc[idx] = c
         residual_b[idx] = np.hypot(update[:, 0], update[:, 1])
         typical = _neighbour_median(ncc, final_angles, idx)
-        bad = c < 0.5 * min_relative_correlation * typical
+        # Only tilts the neighbour chain could not place are judged by it: a tilt at the
+        # end of the series, beyond a gap, has a poor leave-one-out reprojection.
+        bad = (c < 0.5 * min_relative_correlation * typical) & ~reliable[idx]
         if not bad.any() or len(idx) - bad.sum() < 3:
             break
         for k in np.flatnonzero(bad):
