@@ -1383,6 +1383,7 @@ def align_tilt_series(
 
     z_total_px = 0.0
     geometry = None
+    model_fits: list[tuple[np.ndarray, FeatureFit]] = []
 
     def centre(idx: np.ndarray, *, slope: bool, parallax: bool = False) -> None:
         # Correlation follows the strongest layer: move the rotation centre to the mid-plane.
@@ -1394,8 +1395,9 @@ def align_tilt_series(
         found = None
         if parallax:
             fit = refine_with_features(aligned, angles[idx], _wbp(aligned, angles[idx], thickness_px=nz),
-                                       fit_axis=False)
+                                       fit_axis=False, shift_prior_px=100.0)
             found = (fit.positions_zyx, fit.strength) if len(fit.strength) >= 10 else None
+            model_fits.append((idx, fit))
         geometry = specimen_geometry(volume, thickness_px=ice_px, estimate_slope=slope, slope_deg=known,
                                      image_yx=aligned[k0], image_tilt_angle_deg=float(angles[idx][k0]),
                                      features=found)
@@ -1539,10 +1541,14 @@ def align_tilt_series(
             failed[int(idx[k])] = (f"{ALIGNMENT_FAILED} (correlation {c[k]:.2f} with its reprojection, "
                                    f"neighbours {typical[k]:.2f})")
             ok[idx[k]] = False
-    idx = np.flatnonzero(ok)
-    aligned = matcher.aligned(idx, shifts_b, axis)
-    final = refine_with_features(aligned, final_angles[idx], _wbp(aligned, final_angles[idx], thickness_px=nz),
-                                 fit_axis=False, shift_prior_px=100.0)
+    if model_fits:
+        # The model seen by the last centring (a change of height does not change it).
+        idx, final = model_fits[-1]
+    else:
+        idx = np.flatnonzero(ok)
+        aligned = matcher.aligned(idx, shifts_b, axis)
+        final = refine_with_features(aligned, final_angles[idx], _wbp(aligned, final_angles[idx], thickness_px=nz),
+                                     fit_axis=False, shift_prior_px=100.0)
     if final.n_features >= 3:
         model = np.sqrt((final.shift_corrections_uv**2).sum(axis=1) + np.nan_to_num(final.rms_px) ** 2)
         residual_b[idx] = np.where(final.measured, model, residual_b[idx])
