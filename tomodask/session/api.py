@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from datetime import UTC
 from pathlib import Path
 
 import pandas as pd
@@ -38,6 +37,7 @@ from tomodask.session.store import (
     TrackRow,
     TrackStatus,
     TransferSample,
+    as_utc,
     utcnow,
 )
 from tomodask.settings import SessionSettings
@@ -116,8 +116,7 @@ class Session:
     def _alive(self, row: TrackRow) -> bool:
         if self.runner is not None and row.pid == os.getpid():
             return True
-        hb = row.heartbeat_at.replace(tzinfo=UTC) if row.heartbeat_at and not row.heartbeat_at.tzinfo \
-            else row.heartbeat_at
+        hb = as_utc(row.heartbeat_at)
         fresh = hb is not None and (utcnow() - hb).total_seconds() < HEARTBEAT_STALE_S
         return fresh and pid_alive(row.pid)
 
@@ -233,7 +232,7 @@ class Session:
             t = db.scalar(select(func.max(MovieRow.arrived_at)).where(MovieRow.session_id == self.id))
         if t is None:
             return time.time()
-        return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
+        return as_utc(t).timestamp()
 
     # ---- results ------------------------------------------------------------------------------
     def progress(self) -> dict[str, int]:

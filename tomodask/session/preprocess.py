@@ -20,7 +20,6 @@ import threading
 import time
 import traceback as tb
 from collections.abc import Callable
-from datetime import UTC
 from pathlib import Path
 
 from distributed import Client, Future
@@ -35,6 +34,7 @@ from tomodask.session.store import (
     Store,
     TiltSeriesRow,
     TransferState,
+    as_utc,
     dumps_metrics,
     utcnow,
 )
@@ -43,10 +43,6 @@ from tomodask.settings import SessionSettings, compile_frame_pattern
 from tomodask.tasks import MovieRequest, TiltSeriesRequest, process_movie, process_tilt_series
 
 FINISHED = (ItemState.done.value, ItemState.failed.value)
-
-
-def _aware(dt):
-    return dt if dt is None or dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 class PreprocessTrack:
@@ -211,10 +207,10 @@ class PreprocessTrack:
                 listed = len(read_mdoc(ts.mdoc_path).sections)
             except MdocError:
                 listed = -1
-            if listed == n and newest_other > _aware(ts.last_tilt_at).timestamp():
+            if listed == n and newest_other > as_utc(ts.last_tilt_at).timestamp():
                 return "mdoc complete, next tilt-series started"
         if ts.last_tilt_at is not None:
-            idle = time.time() - _aware(ts.last_tilt_at).timestamp()
+            idle = time.time() - as_utc(ts.last_tilt_at).timestamp()
             if idle > self.settings.collection.tilt_series_timeout_s:
                 return "timeout after last tilt"
         return None
@@ -231,7 +227,7 @@ class PreprocessTrack:
                                                            MovieRow.tilt_series == ts.name)).all()
                 if not movies or any(m.state not in FINISHED for m in movies):
                     continue
-                others = [_aware(o.last_tilt_at).timestamp() for o in series if o.name != ts.name and o.last_tilt_at]
+                others = [as_utc(o.last_tilt_at).timestamp() for o in series if o.name != ts.name and o.last_tilt_at]
                 reason = self._complete_reason(ts, movies, max(others) if others else None)
                 if reason is None:
                     continue

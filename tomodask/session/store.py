@@ -48,6 +48,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(dt: datetime | None) -> datetime | None:
+    """A stored time as timezone-aware UTC (SQLite hands datetimes back without a zone)."""
+    return dt if dt is None or dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
 class TrackStatus(str, Enum):
     """Status of a session track."""
 
