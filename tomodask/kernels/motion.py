@@ -4,11 +4,11 @@ The algorithm follows MotionCor2 [1]_ (numpy or cupy, taken from the input):
 
 1. **Global drift.** The frames' spectra (one ``rfft2`` each, kept for the sums) are
    Fourier-cropped to a search grid of about the resolution the B-factor keeps
-   (``sqrt(B / 48)`` Å/px: the filter is ``exp(-3)`` at its Nyquist; no aliasing). Each
+   (``sqrt(B / 24)`` Å/px: the filter is ``exp(-1.5)`` at its Nyquist; no aliasing). Each
    frame is cross-correlated with the sum of all *other* aligned frames (no
    self-correlation of the noise), the product multiplied by ``exp(-B k^2 / 4)`` with the
    central cross (streaks of the frame edges and static gradients) left out. The first
-   passes search full correlation maps (at most 256², parabolic sub-pixel peak) until
+   passes search full correlation maps (at most 128², parabolic sub-pixel peak) until
    every shift has settled to within a pixel; then Newton steps to the maximum of the
    continuous correlation, computed from its first and second derivatives at zero (sums
    over the spectrum, no inverse FFT), refine all frames together. Each update is scaled
@@ -62,6 +62,8 @@ __all__ = ["FrameAlignment", "QUALITIES", "align_frames", "motion_metrics"]
 QUALITIES = ("good", "high_motion", "failed")
 
 _TWO_PI = 2.0 * np.pi
+_COARSE_SIZE = 128
+_SEARCH_DIV = 24.0
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,9 @@ def _shift_spectra(spec: np.ndarray, fy: np.ndarray, fx: np.ndarray, shifts: np.
     ax = fx.astype(xp.float64) * s[..., 1, None, None] * _TWO_PI  # (..., 1, kx)
     py = (xp.cos(ay) + 1j * xp.sin(ay)).astype(xp.complex64)
     px = (xp.cos(ax) + 1j * xp.sin(ax)).astype(xp.complex64)
-    return spec * py * px
+    out = spec * py
+    out *= px
+    return out
 
 
 def _taper(shape_yx: tuple[int, int], xp: ModuleType, fraction: float = 0.05) -> np.ndarray:
@@ -400,8 +404,8 @@ def _iterative_alignment(
     power = (spec.real**2 + spec.imag**2) * filt  # |A|^2 filt, independent of the shifts
     snr = None
     it = 0
-    if coarse_first:  # on at most 256 x 256 (Fourier-cropped): a pixel of precision is all it needs
-        cshape = (min(shape_yx[0], 256), min(shape_yx[1], 256))
+    if coarse_first:  # on a small Fourier-cropped grid (_COARSE_SIZE)
+        cshape = (min(shape_yx[0], _COARSE_SIZE), min(shape_yx[1], _COARSE_SIZE))
         scale = np.array([cshape[0] / shape_yx[0], cshape[1] / shape_yx[1]])
         cspec, cfilt, cpower = (_crop_spectrum(a, shape_yx, cshape, xp) for a in (spec, filt, power))
         cmax = max_shift_px * float(scale.min())
@@ -577,16 +581,32 @@ def _accumulate(spec: np.ndarray, frame_index: np.ndarray, weights: np.ndarray, 
 
 
 def _sums_global(spectra, shape_yx, shifts_px, weight_fn, xp, chunk: int = 4):
-    """Even, odd and dose-weighted sums of whole-frame ``(t, ky, kx)`` spectra moved by their shifts."""
+    """Even, odd and dose-weighted sums of whole-frame ``(t, ky, kx)`` spectra moved by their shifts.
+
+    With equal frame exposures the dose weights are geometric in the frame index,
+    ``w_i = w_0 r^i`` (:func:`tomodask.kernels.dose.dose_weights`), so the weighted sum is
+    accumulated by Horner's scheme from the last frame, ``acc = acc r + A_i``, times
+    ``w_0``: two weight arrays instead of one per frame.
+    """
     n_t = spectra.shape[0]
     fy, fx = frequency_grid(shape_yx, xp=xp)
+    w01 = weight_fn(shape_yx, np.arange(min(n_t, 2)))
+    ratio = w01[1] / w01[0] if n_t > 1 else None  # w_0 >= 1/t: the least exposed frame weighs most
     sums: dict = {}
-    # all weights at once unless they would take more than 256 MB
-    every = weight_fn(shape_yx, np.arange(n_t)) if spectra[0].size * n_t <= 64_000_000 else None
-    for start in range(0, n_t, chunk):
+    dw = None
+    for start in reversed(range(0, n_t, chunk)):
         idx = np.arange(start, min(start + chunk, n_t))
-        weights = weight_fn(shape_yx, idx) if every is None else every[start: idx[-1] + 1]
-        _accumulate(_shift_spectra(spectra[start: idx[-1] + 1], fy, fx, shifts_px[idx], xp), idx, weights, sums, xp)
+        moved = _shift_spectra(spectra[start: idx[-1] + 1], fy, fx, shifts_px[idx], xp)
+        first = start % 2
+        for key, part in (("even", moved[first::2].sum(axis=0)), ("odd", moved[1 - first::2].sum(axis=0))):
+            sums[key] = part if sums.get(key) is None else sums[key] + part
+        for a in moved[::-1]:
+            if dw is None:
+                dw = a.copy()
+            else:
+                dw *= ratio
+                dw += a
+    sums["dw"] = dw * w01[0]
     fft = _fft(xp)
     return {k: fft.irfft2(v, s=shape_yx).astype(xp.float32) for k, v in sums.items()}
 
@@ -694,7 +714,11 @@ def _check_frames(frames_tyx, xp) -> None:
                          "add a leading axis for a single frame (frames[None])")
     if min(frames_tyx.shape[1:]) < 16:
         raise ValueError(f"frames of shape {frames_tyx.shape[1:]} are too small to align (need >= 16 px)")
-    if np.issubdtype(frames_tyx.dtype, np.floating) and not bool(xp.isfinite(frames_tyx).all()):
+
+
+def _check_finite(frames_tyx, spectra, xp) -> None:
+    """Raise when a frame holds NaN or infinity (seen in its spectrum's DC term: one value per frame)."""
+    if not bool(xp.isfinite(spectra[:, 0, 0]).all()):
         bad = int((~xp.isfinite(frames_tyx)).sum())
         raise ValueError(f"frames hold {bad} NaN or infinite values; check the movie file and the gain "
                          "reference (apply_gain) before aligning")
@@ -750,8 +774,9 @@ def align_frames(
         Global refinement passes at most, and the shift change (pixels of the search
         grid) below which they stop.
     search_pixel_size_angstrom
-        Pixel size shifts are measured at (default ``sqrt(B / 48)``, where the filter has
-        fallen to ``exp(-3)`` at Nyquist, and no finer than the frames). The global
+        Pixel size shifts are measured at (default ``sqrt(B / 24)``, where the filter has
+        fallen to ``exp(-1.5)`` at Nyquist, and no finer than the frames; ``sqrt(B / 48)``
+        measured 4 % smaller errors at 1.3-1.6x the time). The global
         search needs no real-space frames: the frames' spectra are cropped.
     max_search_size_px
         Bin further so that the search frames are at most this large.
@@ -824,7 +849,8 @@ def align_frames(
     spectra = xp.empty((n_t, ny, nx // 2 + 1), dtype=xp.complex64)
     for start in range(0, n_t, 8):
         spectra[start: start + 8] = fft.rfft2(frames[start: start + 8])
-    target = search_pixel_size_angstrom or math.sqrt(max(bfactor_angstrom2, 1e-6) / 48.0)
+    _check_finite(frames, spectra, xp)
+    target = search_pixel_size_angstrom or math.sqrt(max(bfactor_angstrom2, 1e-6) / _SEARCH_DIV)
     scale = max(1.0, target / pixel_size_angstrom, max(ny, nx) / max_search_size_px)
     by, bx = (min(n, max(16, 2 * int(round(n / scale / 2)))) for n in (ny, nx))
     factor = np.array([ny / by, nx / bx])  # input pixels per search pixel, along y and x
