@@ -4,6 +4,7 @@ import pytest
 import tifffile
 
 from tomodask.io.movies import MovieReadError, read_gain_reference, read_movie
+from tomodask.simulate.eer import eer_frames_from_counts, write_eer
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
@@ -52,3 +53,49 @@ def test_gain_reference_mrc_and_errors(tmp_path):
     np.testing.assert_array_equal(read_gain_reference(tif), gain)
     with pytest.raises(MovieReadError, match=r"missing\.mrc: cannot read the gain reference.*gain_reference.apply"):
         read_gain_reference(tmp_path / "missing.mrc")
+
+
+# ---- EER (Thermo Fisher electron event representation), written by tomodask.simulate.eer
+
+
+@pytest.mark.parametrize("compression", [65000, 65001])
+def test_eer_round_trip_is_exact(tmp_path, compression):
+    rng = np.random.default_rng(3)
+    events = (rng.random((7, 48, 300)) < 0.02).astype(np.uint8)
+    events[1] = 0  # a frame without electrons
+    events[2, 0, 0] = events[2, -1, -1] = 1  # events on the first and the last pixel
+    events[3] = 0
+    events[3].flat[[255, 510, 765]] = 1  # gaps of 255 and 254 px: whole multiples of the run codes (255, 127)
+    events[4] = rng.random((48, 300)) < 0.6  # dense: many adjacent events
+    path = write_eer(tmp_path / "m.eer", events, compression=compression)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_eer and tif.pages[0].compression == compression
+    np.testing.assert_array_equal(tifffile.imread(path), events)
+    out = read_movie(path, threads=2)
+    assert out.shape == events.shape
+    np.testing.assert_array_equal(out, events)
+
+
+def test_eer_frames_are_summed_into_fractions(tmp_path):
+    counts = np.random.default_rng(4).poisson(0.8, size=(5, 40, 64)).clip(0, 6)
+    raw = eer_frames_from_counts(counts, 6)
+    assert raw.shape == (30, 40, 64) and raw.max() == 1
+    extra = np.zeros((2, 40, 64), np.uint8)
+    extra[:, 5, 5] = 1  # raw frames beyond the last whole fraction are dropped
+    path = write_eer(tmp_path / "m.eer", np.concatenate([raw, extra]))
+    out = read_movie(path, eer_frames_per_fraction=6)
+    assert out.dtype == np.uint16 and out.shape == counts.shape
+    np.testing.assert_array_equal(out, counts)
+
+
+def test_truncated_eer_names_the_file(tmp_path):
+    events = (np.random.default_rng(5).random((20, 64, 64)) < 0.05).astype(np.uint8)
+    p = write_eer(tmp_path / "TS_02_011_-30.0.eer", events)
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with pytest.raises(MovieReadError, match=r"TS_02_011_-30\.0\.eer: .*truncated or still being written"):
+        read_movie(p)
+
+
+def test_eer_writer_rejects_counts_above_one(tmp_path):
+    with pytest.raises(ValueError, match="0/1 events"):
+        write_eer(tmp_path / "m.eer", np.full((1, 8, 8), 2, np.uint8))
