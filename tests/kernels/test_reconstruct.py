@@ -20,6 +20,7 @@ from tomodask.kernels.reconstruct import (
     lowpass_correlation,
     reconstruct_tomogram,
     reconstruction_filter,
+    select_sirt_like_iterations,
     sirt_refine,
 )
 from tomodask.simulate import simulate_tilt_series
@@ -223,6 +224,48 @@ def test_bad_options_name_the_accepted_values():
                              weighting="shepp")
     with pytest.raises(ValueError, match="one angle per tilt"):
         reconstruct_tomogram(stack, np.array([0.0, 3.0]), pixel_size_angstrom=1.0, thickness_px=4)
+    with pytest.raises(ValueError, match="auto"):
+        reconstruct_tomogram(stack, np.array([-3.0, 0.0, 3.0]), pixel_size_angstrom=1.0, thickness_px=4,
+                             sirt_like_iterations="best")
     with pytest.raises(ValueError, match="one value per tilt"):
         reconstruct_tomogram(stack, np.array([-3.0, 0.0, 3.0]), pixel_size_angstrom=1.0, thickness_px=4,
                              defocus_angstrom=[1.0, 2.0])
+
+
+def test_auto_sirt_like_iterations_follow_the_noise(series_1e, series_3e):
+    """Cross-validation picks more equivalent iterations for cleaner data (noise-free
+    projections of the phantom: at least 4x those for 1 e-/A2 per tilt; measured 160, the
+    top of the grid, vs 11) and, at 1 e-/A2, a reconstruction within 0.01 of the best
+    fixed count of the grid (measured 0.669 vs 0.669 at 10) and 0.05 above plain WBP
+    (0.570)."""
+    ts, phantom, nz = series_1e
+    images = ts.images.astype(np.float32)
+    contrast = images / images.mean(axis=(1, 2), keepdims=True) - 1.0
+    k_noisy = select_sirt_like_iterations(contrast, ts.tilt_angles_deg, thickness_px=nz)
+    clean = project_volume(series_3e[1], ts.tilt_angles_deg)
+    clean -= clean.mean(axis=(1, 2), keepdims=True)
+    k_clean = select_sirt_like_iterations(clean, ts.tilt_angles_deg, thickness_px=nz)
+    assert k_clean >= 4 * k_noisy
+    r_auto = _score(ts, phantom, nz, weighting="exact", sirt_like_iterations="auto")
+    r_fixed = [_score(ts, phantom, nz, weighting="exact", sirt_like_iterations=k) for k in (5, 10, 20, 40, 80)]
+    assert r_auto >= max(r_fixed) - 0.01
+    assert r_auto >= _score(ts, phantom, nz) + 0.05
+
+
+def test_sirt_like_ray_length_is_the_mean_chord_of_the_volume():
+    """Where neighbouring central lines separate, the exact weight is 1/D and the SIRT
+    eigenvalue 1 / (t L_j W_j) = L_j^-1 / t; L_j = D W / (W cos + D sin) for a volume of
+    width W, D / cos for an infinite slab."""
+    angles = np.array([-60.0, 0.0, 60.0])
+    d, width, k, n_pad = 50.0, 60.0, 7.0, 256
+    f_index = 100  # 0.39 cycles/px: lines 60 degrees apart are far apart
+    slab = reconstruction_filter(angles, n_pad, weighting="exact", thickness_px=d, sirt_like_iterations=k,
+                                 radial_cutoff=0.5)[:, f_index]
+    boxed = reconstruction_filter(angles, n_pad, weighting="exact", thickness_px=d, sirt_like_iterations=k,
+                                  width_px=width, radial_cutoff=0.5)[:, f_index]
+    theta = np.deg2rad(angles)
+    for ray, got in ((d / np.cos(theta), slab),
+                     (d * width / (width * np.cos(theta) + d * np.abs(np.sin(theta))), boxed)):
+        lam = d / (len(angles) * ray)
+        assert np.allclose(got, (1.0 - (1.0 - lam) ** k) / d, rtol=1e-4)
+    assert boxed[0] > slab[0] and boxed[1] == pytest.approx(slab[1], rel=1e-6)
