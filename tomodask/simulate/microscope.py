@@ -6,7 +6,7 @@ with the signs and axes of :mod:`tomodask.kernels.geometry`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -204,12 +204,30 @@ class Detector:
         return g
 
     def record(self, expected_e_per_px: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Count electrons: Poisson noise, sensitivity, dead and hot pixels; uint8 frames."""
-        counts = rng.poisson(expected_e_per_px * self.sensitivity)
-        counts[..., self.dead_mask] = 0
+        """Count electrons: Poisson noise, sensitivity, dead and hot pixels; uint8 frames.
+
+        ``expected_e_per_px`` is a ``(t, y, x)`` array or a sequence of ``t`` ``(y, x)``
+        frames (see :meth:`record_frames`).
+        """
+        return self.record_frames(expected_e_per_px.__getitem__, len(expected_e_per_px), rng)
+
+    def record_frames(self, expected_frame: Callable[[int], np.ndarray], n_frames: int,
+                      rng: np.random.Generator) -> np.ndarray:
+        """:meth:`record` one frame at a time: ``expected_frame(i)`` gives frame ``i``'s ``(y, x)`` e-/px.
+
+        Only one frame of counts is held besides the ``(t, y, x)`` uint8 result (a
+        4096² x 40 movie needs about 1 GB instead of 15). The draws are those of one call
+        on the whole stack: Poisson counts frame after frame in C order, then the hot pixels
+        of every frame.
+        """
+        out = np.empty((n_frames,) + self.sensitivity.shape, dtype=np.uint8)
+        for i in range(n_frames):
+            counts = rng.poisson(expected_frame(i) * self.sensitivity)
+            counts[self.dead_mask] = 0
+            out[i] = np.clip(counts, 0, 255)
         n_hot = int(self.hot_mask.sum())
-        counts[..., self.hot_mask] = rng.poisson(12.0, size=counts.shape[:-2] + (n_hot,))
-        return np.clip(counts, 0, 255).astype(np.uint8)
+        out[:, self.hot_mask] = np.clip(rng.poisson(12.0, size=(n_frames, n_hot)), 0, 255)
+        return out
 
 
 def drift_trajectory_px(n_frames: int, total_px: float, rng: np.random.Generator) -> np.ndarray:
@@ -314,13 +332,13 @@ class TiltSeriesAcquisition:
         e_per_px_tilt = spec.dose_per_tilt_e_per_angstrom2 * spec.pixel_size_angstrom**2
         crop = (slice(pad, pad + ny), slice(pad, pad + nx))
         expected = intensity * (e_per_px_tilt / n_frames)
-        if with_frames:
-            moved = fourier_shift(np.broadcast_to(expected.astype(np.float32), (n_frames,) + padded),
-                                  frame_shifts.astype(np.float32))
-            expected_frames = np.clip(moved[(slice(None),) + crop], 0.0, None)
+        if with_frames:  # frame by frame: one padded frame in memory at a time
+            expected32 = expected.astype(np.float32)
+            shifts32 = frame_shifts.astype(np.float32)
+            frames = self.detector.record_frames(
+                lambda f: np.clip(fourier_shift(expected32, shifts32[f])[crop], 0.0, None), n_frames, rng)
         else:
-            expected_frames = expected[crop][None]
-        frames = self.detector.record(expected_frames, rng)
+            frames = self.detector.record(expected[crop][None], rng)
         truth = TiltTruth(
             acquisition_index=acquisition_index, nominal_tilt_angle_deg=nominal, tilt_angle_deg=tilt,
             tilt_axis_angle_deg=spec.tilt_axis_angle_deg, pixel_size_angstrom=spec.pixel_size_angstrom,
