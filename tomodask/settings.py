@@ -191,6 +191,10 @@ class FrameAlignmentSettings(_Model):
     patches_yx: tuple[Annotated[int, Field(ge=1, le=20)], Annotated[int, Field(ge=1, le=20)]] | None = (5, 5)
     max_iterations: Annotated[int, Field(ge=1, le=50)] = 10
     dose_weighting: bool = True
+    eer_frames_per_fraction: Annotated[int, Field(ge=1, le=10000)] = Field(
+        default=40, description="EER movies: sum this many raw EER frames into one fraction before alignment "
+        "(RELION's --eer_grouping); trailing frames that do not fill a fraction are dropped."
+    )
     max_total_motion_angstrom: Annotated[float, Field(gt=0.0)] = Field(
         default=100.0, description="Tilts with more total motion are flagged for exclusion."
     )

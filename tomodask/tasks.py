@@ -89,7 +89,8 @@ def process_movie(req: MovieRequest) -> dict:
     s = SessionSettings.model_validate_json(req.settings_json)
     mic, fa, ctf_s = s.microscope, s.processing.frame_alignment, s.processing.ctf
     xp = default_array_module()
-    frames = to_device(read_movie(req.movie_path), xp).astype(xp.float32)
+    frames = to_device(read_movie(req.movie_path, eer_frames_per_fraction=fa.eer_frames_per_fraction),
+                       xp).astype(xp.float32)
     if req.gain_path:
         gain = to_device(read_gain_reference(req.gain_path), xp)
         if gain.shape != frames.shape[1:] and gain.shape[::-1] != frames.shape[1:]:

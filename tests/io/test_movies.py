@@ -101,27 +101,37 @@ def test_eer_writer_rejects_counts_above_one(tmp_path):
         write_eer(tmp_path / "m.eer", np.full((1, 8, 8), 2, np.uint8))
 
 
-def test_process_movie_runs_end_to_end_on_an_eer_movie(tmp_path):
-    # process_movie reads EER without grouping raw frames (there is no setting for it), so each EER frame is
-    # one fraction here: a simulated 10-frame tilt movie whose counts are clipped to one electron per pixel
+def test_process_movie_groups_eer_frames_into_fractions_and_aligns_them(tmp_path):
+    # a simulated 40-frame tilt movie (about 0.08 e-/px per frame, clipped to one event per pixel as EER
+    # records them) written as EER and grouped 4 raw frames per fraction by the session setting: 10 fractions
+    # whose recovered shifts match the mean true shift of their 4 frames
     import zarr
 
     from tomodask.settings import SessionSettings
     from tomodask.simulate import simulate_single_tilt
     from tomodask.tasks import MovieRequest, process_movie
 
-    tilt = simulate_single_tilt(seed=1, shape_yx=(384, 384), n_frames=10, dose_e_per_angstrom2=3.0,
+    tilt = simulate_single_tilt(seed=1, shape_yx=(384, 384), n_frames=40, dose_e_per_angstrom2=3.0,
                                 tilt_angle_deg=20.0, drift_total_px=5.0, n_particles=8, n_dead_pixels=0,
                                 n_hot_pixels=0, gain_variation=0.0)
     path = write_eer(tmp_path / "TS_01_001_20.0.eer", np.minimum(tilt.frames, 1))
+    settings = SessionSettings()
+    settings.processing.frame_alignment.eer_frames_per_fraction = 4
     req = MovieRequest(movie_path=str(path), movie="TS_01_001", tilt_series="TS_01", gain_path=None,
                        zarr_path=str(tmp_path / "r.zarr"), tilt_angle_deg=20.0, acquisition_index=0,
                        dose_e_per_angstrom2=3.0, prior_dose_e_per_angstrom2=0.0,
-                       settings_json=SessionSettings().model_dump_json())
+                       settings_json=settings.model_dump_json())
     metrics = process_movie(req)
     assert metrics["n_frames"] == 10 and metrics["motion_quality"] == "good"
     shifts = np.asarray(zarr.open_group(str(tmp_path / "r.zarr"), mode="r")["movies/TS_01_001/shifts_px"])
-    err = np.sqrt(((shifts - tilt.truth.frame_shifts_px) ** 2).sum(axis=1).mean())
-    assert err < 0.3, f"frame-shift RMS error {err:.3f} px"
+    truth = tilt.truth.frame_shifts_px.reshape(10, 4, 2).mean(axis=1)
+    err = np.sqrt((((shifts - shifts.mean(0)) - (truth - truth.mean(0))) ** 2).sum(axis=1).mean())
+    assert err < 0.3, f"fraction-shift RMS error {err:.3f} px"
     true_defocus = 0.5 * (tilt.truth.defocus_u_angstrom + tilt.truth.defocus_v_angstrom)
     assert metrics["defocus_angstrom"] == pytest.approx(true_defocus, abs=500.0)
+
+
+def test_eer_with_fewer_frames_than_a_fraction_names_the_file_and_the_setting(tmp_path):
+    path = write_eer(tmp_path / "short.eer", np.zeros((3, 16, 16), np.uint8))
+    with pytest.raises(MovieReadError, match=r"short\.eer.*3 EER frames.*eer_frames_per_fraction"):
+        read_movie(path, eer_frames_per_fraction=40)

@@ -69,6 +69,10 @@ def read_movie(path: str | Path, *, threads: int | None = None, eer_frames_per_f
             with tifffile.TiffFile(path) as tif:
                 data = tif.asarray(key=range(len(tif.pages)), maxworkers=threads)
             if suffix == ".eer" and eer_frames_per_fraction > 1:
+                if data.shape[0] < eer_frames_per_fraction:
+                    raise MovieReadError(f"{path}: has {data.shape[0]} EER frames, fewer than one fraction of "
+                                         f"{eer_frames_per_fraction}; lower the setting "
+                                         "processing.frame_alignment.eer_frames_per_fraction")
                 n = data.shape[0] // eer_frames_per_fraction * eer_frames_per_fraction
                 data = data[:n].reshape(-1, eer_frames_per_fraction, *data.shape[1:]).sum(axis=1, dtype=np.uint16)
     except MovieReadError:
