@@ -1491,13 +1491,18 @@ def align_tilt_series(
     # Global consistency: the 3D-feature model corrects what neighbour correlations cannot
     # see (e.g. the chain following gold on one side of the series and other structure on
     # the other).
+    # With the shifts now refined, the axis is measured once more in the same fit; a
+    # correction beyond two standard errors is taken (the chain's shifts, made with
+    # the axis still off, bias the first estimates low).
     for _ in range(int(n_projection_matching_iterations)):
         idx = np.flatnonzero(ok)
-        fit = features(idx, shifts_b, axis, angles, fit_axis=False)
+        fit = features(idx, shifts_b, axis, angles, fit_axis=refine_tilt_axis)
         if fit.n_features < 3:
             break
+        turn = fit.axis_correction_deg if abs(fit.axis_correction_deg) > 2 * fit.axis_standard_error_deg else 0.0
+        axis += float(np.clip(turn, -1.0, 1.0))
         shifts_b[idx] += matcher.to_raw(fit.shift_corrections_uv, axis)
-        if np.abs(fit.shift_corrections_uv).max() < 0.1:
+        if np.abs(fit.shift_corrections_uv).max() < 0.1 and turn == 0.0:
             break
 
     offset = prior_offset
