@@ -27,7 +27,7 @@ Tools
 
 Run::
 
-    python benchmarks/movie.py [--quick] [--json OUT.json] [--skip-peers] [--skip-ctf] [--case TEXT]
+    python benchmarks/movie.py [--quick] [--json OUT.json] [--skip-peers] [--skip-ctf] [--case TEXT] [--tools TEXT]
 
 ``--quick`` runs the 512² and 1024² cases; without it the full detector sizes are added
 (4096² x 40 frames and 5760 x 4092 x 10 frames: slow to simulate and to align on a CPU).
@@ -180,10 +180,12 @@ def peer_tools() -> dict[str, Callable[[Movie], np.ndarray]]:
 # ---------------------------------------------------------------------------------------
 
 
-def motion_rows(*, quick: bool, peers: bool = True, only: str | None = None) -> list[dict]:
+def motion_rows(*, quick: bool, peers: bool = True, only: str | None = None,
+                tools_only: list[str] | None = None) -> list[dict]:
     """Align every case's movies with every tool; one row per (tool, case).
 
-    ``only`` keeps the cases whose name contains it (e.g. ``"5760"``).
+    ``only`` keeps the cases whose name contains it (e.g. ``"5760"``); ``tools_only`` keeps
+    the tools whose name contains one of its texts (e.g. ``["tomodask", "global"]``).
     """
     import scipy.fft
 
@@ -194,6 +196,8 @@ def motion_rows(*, quick: bool, peers: bool = True, only: str | None = None) -> 
     }
     if peers:
         tools.update(peer_tools())
+    if tools_only:
+        tools = {name: fn for name, fn in tools.items() if any(text in name for text in tools_only)}
     cases = [c for c in CASES if (c.quick or not quick) and (only is None or only in c.name)]
     warm = simulate(Case("warm-up", (512, 512), 0.0, seeds=(99,)), 99)
     with scipy.fft.set_workers(os.cpu_count() or 1):  # the same cores torch uses by default
@@ -242,8 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-peers", action="store_true", help="tomodask rows only")
     parser.add_argument("--skip-ctf", action="store_true", help="no CTF rows")
     parser.add_argument("--case", default=None, help="only the motion cases whose name contains this text")
+    parser.add_argument("--tools", default=None,
+                        help="comma-separated texts: only the tools whose name contains one of them "
+                             "(e.g. 'tomodask,global,xc patches' leaves out the peer's local optimizer)")
     args = parser.parse_args(argv)
-    rows = motion_rows(quick=args.quick, peers=not args.skip_peers, only=args.case)
+    rows = motion_rows(quick=args.quick, peers=not args.skip_peers, only=args.case,
+                       tools_only=args.tools.split(",") if args.tools else None)
     print_table(add_ratios(rows, metrics=("seconds", "shift_rmse_px"), group_by=("step", "case")), MOTION_COLUMNS,
                 title="Motion (ratios: row / tomodask; > 1 means slower or less accurate than tomodask)")
     if not args.skip_ctf:

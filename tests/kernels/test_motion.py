@@ -77,6 +77,26 @@ def test_shift_sign_and_sub_pixel_accuracy_on_a_noiseless_texture():
     np.testing.assert_allclose(al.aligned_sum[8:-8, 8:-8], expected[8:-8, 8:-8], atol=0.05)
 
 
+def test_dose_weighted_sum_is_the_weighted_sum_of_the_moved_frames():
+    # the kernel accumulates sum_i w_i(k) F_i(k) by Horner's scheme (w_i = w_0 r^i); compare with the explicit sum
+    from tomodask.kernels.dose import dose_weights
+
+    rng = np.random.default_rng(7)
+    frames = rng.poisson(2.0, size=(7, 96, 80)).astype(np.float32)
+    al = align_frames(frames, pixel_size_angstrom=1.0, dose_per_frame_e_per_angstrom2=4.0,
+                      pre_exposure_e_per_angstrom2=10.0, patches_yx=None)
+    w = dose_weights((96, 80), 7, pixel_size_angstrom=1.0, dose_per_frame_e_per_angstrom2=4.0,
+                     pre_exposure_e_per_angstrom2=10.0)
+    fy = np.fft.fftfreq(96)[:, None]
+    fx = np.fft.rfftfreq(80)[None, :]
+    s = al.shifts_px
+    ramp = np.exp(2j * np.pi * (fy * s[:, 0, None, None] + fx * s[:, 1, None, None]))  # frame i -> frame_i(r + s_i)
+    expected = np.fft.irfft2((7 * w * np.fft.rfft2(frames) * ramp).sum(axis=0), s=(96, 80))
+    np.testing.assert_allclose(al.dose_weighted_sum, expected, atol=2e-4 * np.abs(expected).max())
+    plain = np.fft.irfft2((np.fft.rfft2(frames) * ramp).sum(axis=0), s=(96, 80))
+    np.testing.assert_allclose(al.aligned_sum, plain, atol=2e-4 * np.abs(plain).max())
+
+
 def _local_motion_movie(seed: int, amplitude_px: float, dose: float):
     """Movie whose content follows global drift plus a smooth field reaching ``amplitude_px`` in the corners."""
     tilt = simulate_single_tilt(seed=seed, shape_yx=(384, 384), n_frames=10, dose_e_per_angstrom2=dose,
