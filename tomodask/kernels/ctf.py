@@ -26,7 +26,8 @@ The steps:
    is tried with a family of ring envelopes so that noise beyond the visible rings does
    not swamp the score. A finer search around the best candidate follows.
 4. **Background and envelope.** With that defocus, the cell spectra are fitted as
-   ``B(k) + E(k) CTF²`` with cubic splines ``B`` and ``E`` (linear least squares). The
+   ``B(k) + E(k) CTF²`` with stiff cubic splines ``B`` (in k) and ``E`` (in k²), by
+   linear least squares; too flexible a ``B`` would absorb broad first rings. The
    normalised data ``(S - B) / B`` are then compared with the model ``(E / B) CTF²``:
    the ring contrast ``E / B`` weights each frequency by how well its rings are seen.
 5. **Astigmatism.** For 18 angular sectors the correlation of each sector's radial
@@ -79,8 +80,15 @@ N_COARSE_SECTORS = 18
 MAX_STRIPS = 8
 #: Narrowest defocus range of one strip, in Å.
 MIN_STRIP_WIDTH_ANGSTROM = 400.0
-#: Interior knots of the cubic splines of the background and envelope over the fit range.
-N_BACKGROUND_KNOTS = 4
+#: Interior knots of the cubic spline of the background B over the fit range (uniform in k).
+#: Few, so that B cannot follow the broad first Thon rings of a low defocus: with four,
+#: weak rings (B-factor 500 Å², 18k Å defocus) came out 80-110 Å too low on average.
+N_BACKGROUND_KNOTS = 2
+#: Interior knots of the cubic spline of the ring envelope E, uniform in k² (where a
+#: B-factor envelope ``exp(-B k² / 2)`` is smooth).
+N_ENVELOPE_KNOTS = 2
+#: Interior knots of the spline whose fit is removed from data and models as "smooth".
+N_SMOOTH_KNOTS = 4
 #: Envelope B-factors (Å²) of the ring models tried in the 1D search.
 ENVELOPE_BFACTORS_ANGSTROM2 = (0.0, 150.0, 400.0, 1000.0, 2500.0, 6000.0)
 #: Largest number of candidate-cell model values evaluated at once (memory bound).
@@ -657,20 +665,19 @@ def _cell_model(cells: _Cells, optics: _Optics, delta: Any, params: np.ndarray) 
     return optics.ctf2(cells.k2[None, :], cells.angle[None, :], mean + delta, hc, hs, phase)
 
 
-def _bspline_basis(k: np.ndarray) -> np.ndarray:
-    """Cubic B-spline design matrix over the range of ``k`` (a few interior knots)."""
+def _bspline_basis(x: np.ndarray, n_interior: int) -> np.ndarray:
+    """Cubic B-spline design matrix over the range of ``x`` (uniform interior knots)."""
     from scipy.interpolate import BSpline
 
-    n_interior = N_BACKGROUND_KNOTS
-    lo, hi = float(k.min()), float(k.max())
+    lo, hi = float(x.min()), float(x.max())
     inner = np.linspace(lo, hi, n_interior + 2)[1:-1]
     knots = np.r_[[lo] * 4, inner, [hi] * 4]
-    return BSpline.design_matrix(np.clip(k, lo, hi), knots, 3).toarray()
+    return BSpline.design_matrix(np.clip(x, lo, hi), knots, 3).toarray()
 
 
 def _smooth_complement(k: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Matrix removing the weighted least-squares spline fit: ``I - P (P^T W P)^-1 P^T W``."""
-    phi = _bspline_basis(k)
+    phi = _bspline_basis(k, N_SMOOTH_KNOTS)
     w = np.maximum(weights, 0.0)
     gram = phi.T @ (w[:, None] * phi)
     gram += 1e-9 * np.trace(gram) * np.eye(len(gram))
@@ -691,17 +698,18 @@ def _fit_background(cells: _Cells, model: Any) -> tuple[Any, Any]:
     w, s, m = cells.weight, cells.spectrum, model
     sums = [to_numpy(_group_sum(v, cells.rbin, n_r).sum(0)) for v in (w, w * m, w * m * m, w * s, w * m * s)]
     a0, a1, a2, y0, y1 = sums
-    phi = _bspline_basis(cells.k_rbin)
-    nb = phi.shape[1]
-    ata = np.block([[phi.T @ (a0[:, None] * phi), phi.T @ (a1[:, None] * phi)],
-                    [phi.T @ (a1[:, None] * phi), phi.T @ (a2[:, None] * phi)]])
-    atb = np.r_[phi.T @ y0, phi.T @ y1]
-    d2 = np.diff(np.eye(nb), 2, axis=0)
-    penalty = np.kron(np.eye(2), d2.T @ d2)
-    ridge = 1e-3 * np.trace(ata) / (2 * nb)
-    beta = np.linalg.solve(ata + ridge * penalty + 1e-9 * np.trace(ata) * np.eye(2 * nb), atb)
-    bg = phi @ beta[:nb]
-    env = phi @ beta[nb:]
+    pb = _bspline_basis(cells.k_rbin, N_BACKGROUND_KNOTS)
+    pe = _bspline_basis(cells.k_rbin**2, N_ENVELOPE_KNOTS)
+    nb, n = pb.shape[1], pb.shape[1] + pe.shape[1]
+    ata = np.block([[pb.T @ (a0[:, None] * pb), pb.T @ (a1[:, None] * pe)],
+                    [pe.T @ (a1[:, None] * pb), pe.T @ (a2[:, None] * pe)]])
+    atb = np.r_[pb.T @ y0, pe.T @ y1]
+    db, de = np.diff(np.eye(nb), 2, axis=0), np.diff(np.eye(n - nb), 2, axis=0)
+    penalty = np.block([[db.T @ db, np.zeros((nb, n - nb))], [np.zeros((n - nb, nb)), de.T @ de]])
+    ridge = 1e-3 * np.trace(ata) / n
+    beta = np.linalg.solve(ata + ridge * penalty + 1e-9 * np.trace(ata) * np.eye(n), atb)
+    bg = pb @ beta[:nb]
+    env = pe @ beta[nb:]
     bg = np.maximum(bg, 0.05 * max(float(np.median(bg)), 1e-12))
     contrast = np.maximum(env, 0.0) / bg
     if not np.any(contrast > 0):  # no rings at all: weight all frequencies alike
