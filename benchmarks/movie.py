@@ -30,7 +30,9 @@ Run::
     python benchmarks/movie.py [--quick] [--json OUT.json] [--skip-peers] [--skip-ctf] [--case TEXT] [--tools TEXT]
 
 ``--quick`` runs the 512² and 1024² cases; without it the full detector sizes are added
-(4096² x 40 frames and 5760 x 4092 x 10 frames: slow to simulate and to align on a CPU).
+(4096² x 40 frames and 5760 x 4092 x 10 frames: minutes to simulate (~4 min and 2 GB for the
+4096² movie); the peer's local optimizer would take ~25 min per 4096² movie on 2 cores, leave it
+out with ``--tools "tomodask,global,xc patches"``).
 The CTF rows come from ``benchmarks/movie_ctf.py`` (``ctf_rows``) when that module exists.
 Install the peer with ``pip install torch==2.13.0`` first, then
 ``pip install torch-motion-correction``.
