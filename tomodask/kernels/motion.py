@@ -62,7 +62,9 @@ __all__ = ["FrameAlignment", "QUALITIES", "align_frames", "motion_metrics"]
 QUALITIES = ("good", "high_motion", "failed")
 
 _TWO_PI = 2.0 * np.pi
+#: Side of the Fourier-cropped grid of the full-map (coarse) passes: a pixel of precision is all they need.
 _COARSE_SIZE = 128
+#: Default search pixel ``sqrt(B / _SEARCH_DIV)`` Å: the B filter is ``exp(-1.5)`` at its Nyquist.
 _SEARCH_DIV = 24.0
 
 
