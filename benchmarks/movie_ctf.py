@@ -9,7 +9,11 @@ the median wall time per image (after one warm-up call of each tool).
 
 Run::
 
-    python benchmarks/movie_ctf.py [--quick] [--json OUT.json]
+    python benchmarks/movie_ctf.py [--quick | --series-only] [--json OUT.json]
+
+The full run ends with a simulated 41-tilt dose-symmetric series (:func:`series_rows`):
+bias, median error and collapsed astigmatism fits of both tools (``--series-only``
+runs just that; ``--quick`` leaves it out, the peer needs many minutes for it).
 
 The peer: ``torch_ctf_estimation.estimate_ctf`` with the same fit range (30-5 Å),
 defocus range (0.5-6 µm) and tile size in Å (384 px tiles at its internal 2.0 Å pixel),
@@ -38,6 +42,7 @@ from _common import print_table, timed, write_json  # noqa: E402
 
 from tomodask.kernels.ctf import estimate_ctf  # noqa: E402
 from tomodask.simulate import simulate_single_tilt  # noqa: E402
+from tomodask.simulate.microscope import dose_symmetric_order  # noqa: E402
 
 PIXEL_ANGSTROM = 1.5
 AXIS_DEG = 85.0
@@ -85,14 +90,14 @@ def simulate(case: Case, seed: int, size: int) -> tuple[np.ndarray, float]:
     return image, 0.5 * (tilt.truth.defocus_u_angstrom + tilt.truth.defocus_v_angstrom)
 
 
-def ours(image: np.ndarray, case: Case) -> float:
-    """tomodask's mean defocus at the image centre (Å)."""
+def ours(image: np.ndarray, tilt_deg: float, fit_range: tuple[float, float] = FIT_RANGE_ANGSTROM) -> tuple[float, float]:
+    """tomodask's mean defocus at the image centre and astigmatism U - V (Å)."""
     r = estimate_ctf(
-        image, pixel_size_angstrom=PIXEL_ANGSTROM, tilt_angle_deg=case.tilt_deg,
+        image, pixel_size_angstrom=PIXEL_ANGSTROM, tilt_angle_deg=tilt_deg,
         tilt_axis_angle_deg=AXIS_DEG, defocus_search_range_angstrom=DEFOCUS_RANGE_ANGSTROM,
-        tile_size_px=512, resolution_range_angstrom=FIT_RANGE_ANGSTROM, **OPTICS,
+        tile_size_px=512, resolution_range_angstrom=fit_range, **OPTICS,
     )
-    return r.defocus_angstrom
+    return r.defocus_angstrom, r.astigmatism_angstrom
 
 
 def _install_torchvision_stand_in() -> None:
@@ -140,8 +145,8 @@ def _install_torchvision_stand_in() -> None:
     })
 
 
-def peer(image: np.ndarray, case: Case) -> float:
-    """torch-ctf-estimation's mean defocus at the image centre (Å), on the CPU."""
+def peer(image: np.ndarray, tilt_deg: float, fit_range: tuple[float, float] = FIT_RANGE_ANGSTROM) -> tuple[float, float]:
+    """torch-ctf-estimation's mean defocus at the image centre and astigmatism (Å), on the CPU."""
     _install_torchvision_stand_in()
     import torch
     import torch_ctf_estimation as tce
@@ -151,16 +156,17 @@ def peer(image: np.ndarray, case: Case) -> float:
         spherical_aberration_mm=OPTICS["spherical_aberration_mm"],
         amplitude_contrast_fraction=OPTICS["amplitude_contrast"], target_pixel_spacing_angstroms=2.0,
     )
-    tilted = case.tilt_deg != 0.0
+    tilted = tilt_deg != 0.0
     fitting = tce.CTFFittingParams(
         defocus_grid_resolution=(1, 2, 2) if tilted else (1, 1, 1),
         defocus_model="linear" if tilted else "grid",
-        frequency_fit_range_angstroms=FIT_RANGE_ANGSTROM,
+        frequency_fit_range_angstroms=fit_range,
         defocus_range_microns=tuple(d / 1e4 for d in DEFOCUS_RANGE_ANGSTROM),
         patch_sidelength=384,
     )
     _, _, result2d = tce.estimate_ctf(torch.as_tensor(image), optical, fitting, device=torch.device("cpu"))
-    return 0.5 * (result2d.defocus_u + result2d.defocus_v) * 1e4
+    u, v = float(result2d.defocus_u) * 1e4, float(result2d.defocus_v) * 1e4
+    return 0.5 * (u + v), abs(u - v)
 
 
 TOOLS = {"tomodask": ours, "torch-ctf-estimation": peer}
@@ -186,7 +192,7 @@ def ctf_rows(*, quick: bool) -> list[dict]:
     cases = [c for c in CASES if c.name in QUICK_CASES] if quick else list(CASES)
     warm, _ = simulate(cases[0], 99, 1024)
     for fn in TOOLS.values():  # imports, first-call set-up
-        fn(warm, cases[0])
+        fn(warm, cases[0].tilt_deg)
     rows = []
     for case in cases:
         n_images = QUICK_IMAGES if quick else case.n_images
@@ -194,7 +200,7 @@ def ctf_rows(*, quick: bool) -> list[dict]:
         for tool, fn in TOOLS.items():
             seconds, errors = [], []
             for image, truth in images:
-                estimate, elapsed = timed(fn, image, case)
+                (estimate, _), elapsed = timed(fn, image, case.tilt_deg)
                 seconds.append(elapsed)
                 errors.append(estimate - truth)
             rows.append({
@@ -205,6 +211,88 @@ def ctf_rows(*, quick: bool) -> list[dict]:
                 "defocus_errors_angstrom": [round(e, 1) for e in errors],
                 "n_images": len(images), "image_size_px": case.size_px,
             })
+    return rows
+
+
+#: The tilt-series case: 41 tilts of ±60° in 3° steps, acquired dose-symmetrically.
+SERIES_TILTS_DEG = np.arange(-60.0, 60.5, 3.0)
+#: Image side of the tilt-series case (full run and ``--series-only``).
+SERIES_SIZE_PX = 1024
+#: Fitted astigmatism below this (Å) while the truth is >= 500 Å counts as collapsed.
+COLLAPSED_ASTIGMATISM_ANGSTROM = 100.0
+#: Fit range of the tilt-series case (Å): after ~100 e-/Å² of prior exposure the Thon
+#: rings of the last tilts are gone beyond ~20 Å, so both tools fit from 50 Å.
+SERIES_FIT_RANGE_ANGSTROM = (50.0, 5.0)
+
+
+def simulate_series(seed: int, *, size: int) -> list[tuple[np.ndarray, float, float, float]]:
+    """Tilts of one simulated dose-symmetric series: image, tilt, true mean defocus and astigmatism.
+
+    Each tilt is a gain-corrected 8-frame sum of :func:`simulate_single_tilt` at 3 e-/Å²
+    with the exposure received before it in a dose-symmetric (Hagen, groups of 2) order
+    (radiation damage), the same specimen, and a defocus (30 µm ± 1.5 µm), astigmatism
+    (500-1500 Å) and astigmatism angle drawn per tilt from ``seed``.
+    """
+    n = len(SERIES_TILTS_DEG)
+    rng = np.random.default_rng(seed)
+    defocus = 30000.0 + rng.normal(0.0, 1500.0, n)
+    astig = rng.uniform(500.0, 1500.0, n)
+    angle = rng.uniform(-90.0, 90.0, n)
+    prior = np.empty(n)
+    prior[dose_symmetric_order(SERIES_TILTS_DEG)] = 3.0 * np.arange(n)
+    out = []
+    for i in range(n):
+        tilt = simulate_single_tilt(
+            seed=seed, shape_yx=(size, size), pixel_size_angstrom=PIXEL_ANGSTROM, n_frames=8,
+            dose_e_per_angstrom2=3.0, tilt_angle_deg=float(SERIES_TILTS_DEG[i]), tilt_axis_angle_deg=AXIS_DEG,
+            defocus_angstrom=float(defocus[i]), astigmatism_angstrom=float(astig[i]),
+            astigmatism_angle_deg=float(angle[i]), drift_total_px=0.0, prior_dose_e_per_angstrom2=float(prior[i]),
+        )
+        image = (tilt.frames.astype(np.float32) * tilt.gain).sum(0)
+        t = tilt.truth
+        out.append((image, float(SERIES_TILTS_DEG[i]), 0.5 * (t.defocus_u_angstrom + t.defocus_v_angstrom),
+                    t.defocus_u_angstrom - t.defocus_v_angstrom))
+    return out
+
+
+def series_rows(*, seed: int = 0) -> list[dict]:
+    """Fit every tilt of a simulated 41-tilt series with both tools; one row per tool.
+
+    Parameters
+    ----------
+    seed
+        Seed of the series.
+
+    Returns
+    -------
+    list of dict
+        ``tool``, ``step`` ("ctf_series"), ``case``, ``seconds`` (median per tilt),
+        ``defocus_bias_angstrom`` (mean signed error), ``defocus_error_angstrom_median``
+        (median absolute error), ``defocus_error_angstrom_rms``, ``n_astigmatism_collapsed``
+        (fits below :data:`COLLAPSED_ASTIGMATISM_ANGSTROM`, all truths being >= 500 Å),
+        ``defocus_errors_angstrom``, ``astigmatism_fitted_angstrom``, ``n_images``.
+    """
+    tilts = simulate_series(seed, size=SERIES_SIZE_PX)
+    rows = []
+    for tool, fn in TOOLS.items():
+        seconds, errors, astigs = [], [], []
+        for image, tilt_deg, truth, _ in tilts:
+            (estimate, astig), elapsed = timed(fn, image, tilt_deg, SERIES_FIT_RANGE_ANGSTROM)
+            seconds.append(elapsed)
+            errors.append(estimate - truth)
+            astigs.append(astig)
+        collapsed = sum(a < COLLAPSED_ASTIGMATISM_ANGSTROM and t[3] >= 500.0 for a, t in zip(astigs, tilts))
+        rows.append({
+            "tool": tool, "step": "ctf_series", "case": f"series41_{SERIES_SIZE_PX}px",
+            "seconds": statistics.median(seconds),
+            "defocus_bias_angstrom": float(np.mean(errors)),
+            "defocus_error_angstrom_median": statistics.median(abs(e) for e in errors),
+            "defocus_error_angstrom_rms": float(np.sqrt(np.mean(np.square(errors)))),
+            "n_astigmatism_collapsed": int(collapsed),
+            "defocus_errors_angstrom": [round(e, 1) for e in errors],
+            "astigmatism_fitted_angstrom": [round(a, 1) for a in astigs],
+            "n_images": len(tilts), "image_size_px": SERIES_SIZE_PX,
+        })
     return rows
 
 
@@ -224,6 +312,8 @@ def display_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+SERIES_COLUMNS = ["case", "tool", "n_images", "seconds", "defocus_bias_angstrom", "defocus_error_angstrom_median",
+                  "defocus_error_angstrom_rms", "n_astigmatism_collapsed"]
 TABLE_COLUMNS = ["case", "tool", "n_images", "seconds", "defocus_error_angstrom_median",
                  "defocus_error_angstrom_rms", "time_ratio_peer_over_ours", "error_ratio_peer_over_ours"]
 
@@ -233,9 +323,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, smaller images")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    parser.add_argument("--series-only", action="store_true",
+                        help="only the 41-tilt series case (part of the full run; too slow for --quick)")
     args = parser.parse_args(argv)
-    rows = ctf_rows(quick=args.quick)
-    print_table(display_rows(rows), TABLE_COLUMNS)
+    rows = [] if args.series_only else ctf_rows(quick=args.quick)
+    if rows:
+        print_table(display_rows(rows), TABLE_COLUMNS)
+    if args.series_only or not args.quick:
+        series = series_rows()
+        print_table(series, SERIES_COLUMNS)
+        rows += series
     if args.json is not None:
         write_json(args.json, "movie_ctf", rows)
 
