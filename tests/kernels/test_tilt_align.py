@@ -87,6 +87,30 @@ def tiny():
     return ts, result
 
 
+@pytest.fixture(scope="module")
+def tiny_pretilted():
+    # The tiny preset with the specimen pre-tilted by 5 degrees (seed 0: gold on one
+    # surface; common lines alone end 2.3 degrees off the axis).
+    spec = {**SIZE_PRESETS["tiny"], "tilt_step_deg": 8.0, "dark_tilt_acquisition_indices": (13,),
+            "tilt_angle_offset_deg": 5.0}
+    ts = simulate_tilt_series(0, **spec)
+    result = align_tilt_series(ts.images, ts.nominal_tilt_angles_deg, pixel_size_angstrom=2.5,
+                               tilt_axis_angle_deg=TRUE_AXIS_DEG + 2.0, alignment_pixel_size_angstrom=7.5,
+                               specimen_thickness_angstrom=1500.0)
+    return ts, result
+
+
+def test_tiny_preset_with_pre_tilt(tiny_pretilted):
+    ts, res = tiny_pretilted
+    assert abs(res.tilt_axis_angle_deg - TRUE_AXIS_DEG) < 0.2
+    assert abs(res.tilt_angle_offset_deg - 5.0) < 0.3
+    assert res.excluded.sum() == 1 and res.exclusion_reason[ts.dark_tilt_indices[0]] == "dark"
+    err = offset_only_error_px(res, ts)
+    assert err.max() <= 1.2, err
+    assert np.median(err) < 0.5
+    assert abs(height_error_angstrom(res, ts)) < 50.0
+
+
 def test_tilt_axis_within_0_2_degrees(series, pretilted, tiny):
     for _, res, *_ in (series, pretilted, tiny):
         assert abs(res.tilt_axis_angle_deg - TRUE_AXIS_DEG) < 0.2
@@ -157,6 +181,42 @@ def test_specimen_geometry_finds_bead_layers():
     geo = specimen_geometry(vol, estimate_slope=False)
     assert geo.method == "gold on both surfaces"
     assert abs(geo.z_center_px - 7.5) < 0.5
+
+
+@pytest.fixture(scope="module")
+def no_gold():
+    # Seed 0 without gold beads: only particles and a vesicle tell where the slab is.
+    ts = simulate_tilt_series(0, shape_yx=(256, 256), pixel_size_angstrom=6.0, tilt_axis_angle_deg=TRUE_AXIS_DEG,
+                              n_gold=0)
+    result = align_tilt_series(ts.images, ts.nominal_tilt_angles_deg, pixel_size_angstrom=6.0,
+                               tilt_axis_angle_deg=TRUE_AXIS_DEG + 3.0, specimen_thickness_angstrom=2250.0)
+    return ts, result
+
+
+def test_no_gold_centred_on_the_structure_with_its_uncertainty(no_gold):
+    ts, res = no_gold
+    assert len(ts.phantom.gold_centers_xyz_angstrom) == 0
+    assert res.centring_method == "structure"
+    assert abs(height_error_angstrom(res, ts)) < 50.0
+    # the standard error is stated, and a warning given when it exceeds the tolerance
+    assert 0.0 < res.specimen_z_uncertainty_angstrom < 150.0
+    assert (res.centring_warning != "") == (res.specimen_z_uncertainty_angstrom > 50.0)
+    assert abs(res.tilt_axis_angle_deg - TRUE_AXIS_DEG) < 0.3
+
+
+def test_specimen_slab_not_found_is_reported():
+    # Noise only: no slab of structure, so no mid-plane (and no guess).
+    vol = np.random.default_rng(0).normal(0.0, 1.0, (96, 48, 48)).astype(np.float32)
+    geo = specimen_geometry(vol, thickness_px=30.0)
+    assert geo.method.startswith("not found") and geo.z_center_px == 0.0 and np.isinf(geo.z_uncertainty_px)
+    # The same volume with a slab of particles 12 voxels above the centre: found.
+    rng = np.random.default_rng(1)
+    for _ in range(150):
+        z, y, x = rng.integers(-12, 13) + 12 + 48, rng.integers(8, 40), rng.integers(8, 40)
+        vol[z - 1:z + 2, y - 1:y + 2, x - 1:x + 2] += 4.0
+    geo = specimen_geometry(vol, thickness_px=30.0, estimate_slope=False)
+    assert geo.method == "structure"
+    assert abs(geo.z_center_px - 12.0) < 3.0 * geo.z_uncertainty_px + 1.0
 
 
 def test_xf_and_tlt_round_trip(series, tmp_path):

@@ -937,13 +937,19 @@ class SpecimenGeometry:
         Slab thickness (NaN when unknown).
     method
         How it was found: ``"gold on both surfaces"``, ``"gold on one surface, ice
-        thickness from intensity"`` or ``"structure"``.
+        thickness from intensity"``, ``"structure"`` or, when the reconstruction shows no
+        specimen slab, ``"not found (...)"`` (then ``z_center_px`` is 0: nothing moves).
+    z_uncertainty_px
+        Standard error of ``z_center_px`` for ``"structure"`` (the scatter of the
+        features' heights over the square root of their number); 0 with gold (a fraction
+        of a voxel, not estimated); infinite when not found.
     """
 
     z_center_px: float
     slope_deg: float
     thickness_px: float
     method: str
+    z_uncertainty_px: float = 0.0
 
 
 def _bead_radius_px(image_yx, tilt_angle_deg: float, positions_zyx: np.ndarray) -> float:
@@ -1074,6 +1080,7 @@ def specimen_geometry(
     max_slope_deg: float = 10.0,
     strong_ratio: float = 8.0,
     min_layer_gap_px: float = 10.0,
+    min_slab_contrast: float = 1.25,
 ) -> SpecimenGeometry:
     """Height, slope and thickness of the specimen slab in a reconstruction.
 
@@ -1104,6 +1111,9 @@ def specimen_geometry(
         strongest is a bead (gold).
     min_layer_gap_px
         Beads whose heights differ by more than this lie on different surfaces.
+    min_slab_contrast
+        Without gold, the structure energy within the slab must be this many times that
+        outside it, with at least five features, else the slab is ``"not found"``.
 
     Returns
     -------
@@ -1119,7 +1129,9 @@ def specimen_geometry(
     structure is. Without beads (or a thickness) the mid-plane is the centroid of the
     structure energy of the reconstruction (clipped so that beads weigh as much as any
     other structure), sheared by the slope that makes it most compact: a weaker estimate,
-    biased by where the particles happen to be.
+    biased by where the particles happen to be; its standard error is reported, and a
+    reconstruction without a slab of structure (no contrast between inside and outside)
+    gives ``"not found"`` rather than a guess.
     """
     nz, ny, nx = volume_zyx.shape
     if features is None:
@@ -1165,9 +1177,19 @@ def specimen_geometry(
             den = spreads[j - 1] - 2 * spreads[j] + spreads[j + 1]
             if den > 0:
                 slope_deg += 0.5 * 0.5 * (spreads[j - 1] - spreads[j + 1]) / den
-    centre, spread = _centre_and_spread(_sheared_profile(energy, slope_deg))
+    profile = _sheared_profile(energy, slope_deg)
+    centre, spread = _centre_and_spread(profile)
     thickness = float(thickness_px) if thickness_px is not None and np.isfinite(thickness_px) else 2 * np.sqrt(3) * spread
-    return SpecimenGeometry(z_center_px=centre, slope_deg=slope_deg, thickness_px=thickness, method="structure")
+    z = np.arange(nz) - (nz - 1) / 2
+    inside, outside = np.abs(z - centre) < 0.4 * thickness, np.abs(z - centre) > 0.6 * thickness
+    contrast = (profile[inside].mean() / max(profile[outside].mean(), 1e-30)
+                if inside.any() and outside.any() else float("nan"))
+    if not contrast >= min_slab_contrast or len(feats) < 5:
+        return SpecimenGeometry(z_center_px=0.0, slope_deg=slope_deg, thickness_px=float("nan"),
+                                method=f"not found (slab contrast {contrast:.2f}, {len(feats)} features)",
+                                z_uncertainty_px=float("inf"))
+    return SpecimenGeometry(z_center_px=centre, slope_deg=slope_deg, thickness_px=thickness, method="structure",
+                            z_uncertainty_px=float(np.std(feats[:, 0]) / np.sqrt(len(feats))))
 
 
 # --------------------------------------------------------------------------- entry point
@@ -1218,6 +1240,14 @@ class TiltSeriesAlignment:
     centring_method
         How the mid-plane was found (:class:`SpecimenGeometry` ``method``; ``""`` when
         centring was off).
+    specimen_z_uncertainty_angstrom
+        Standard error of the mid-plane (0 with gold, where it is a fraction of a voxel;
+        infinite when not found; NaN when centring was off).
+    centring_warning
+        Non-empty when the volume may not be centred on the specimen: the mid-plane was
+        not found (the rotation centre stays on the correlation chain's, the strongest
+        layer), or found from the structure alone with a standard error above
+        ``max_centring_uncertainty_angstrom``.
     """
 
     shifts_px: np.ndarray
@@ -1234,6 +1264,8 @@ class TiltSeriesAlignment:
     specimen_z_offset_angstrom: float = 0.0
     specimen_thickness_angstrom: float = float("nan")
     centring_method: str = ""
+    specimen_z_uncertainty_angstrom: float = float("nan")
+    centring_warning: str = ""
 
 
 def _neighbour_median(values: np.ndarray, angles: np.ndarray, idx: np.ndarray, k: int = 4) -> np.ndarray:
@@ -1268,6 +1300,7 @@ def align_tilt_series(
     min_peak_ratio: float = 1.2,
     max_shift_fraction: tuple[float, float] = (0.1, 0.3),
     ice_mean_free_path_angstrom: float = 3500.0,
+    max_centring_uncertainty_angstrom: float = 50.0,
 ) -> TiltSeriesAlignment:
     """Align a tilt-series without fiducials (see the module docstring for the steps).
 
@@ -1320,6 +1353,9 @@ def align_tilt_series(
     ice_mean_free_path_angstrom
         Inelastic mean free path for the ice thickness used in centring when gold is on
         one surface only (:func:`tomodask.kernels.tilt_exclusion.ice_slab_from_intensity`).
+    max_centring_uncertainty_angstrom
+        Without gold, a mid-plane whose standard error exceeds this is still used but
+        reported in ``centring_warning``.
 
     Returns
     -------
@@ -1574,7 +1610,23 @@ def align_tilt_series(
         specimen_z_offset_angstrom=float(z_total_px * px_b),
         specimen_thickness_angstrom=float(geometry.thickness_px * px_b) if geometry is not None else float("nan"),
         centring_method=geometry.method if geometry is not None else "",
+        specimen_z_uncertainty_angstrom=float(geometry.z_uncertainty_px * px_b) if geometry is not None else float("nan"),
+        centring_warning=_centring_warning(geometry, px_b, max_centring_uncertainty_angstrom),
     )
+
+
+def _centring_warning(geometry: SpecimenGeometry | None, pixel_size_angstrom: float, max_uncertainty_angstrom: float) -> str:
+    """What :attr:`TiltSeriesAlignment.centring_warning` says about a centring step."""
+    if geometry is None:
+        return ""
+    if geometry.method.startswith("not found"):
+        return (f"specimen mid-plane {geometry.method}: the rotation centre stays on the layer the "
+                "correlations followed")
+    sigma = geometry.z_uncertainty_px * pixel_size_angstrom
+    if sigma > max_uncertainty_angstrom:
+        return (f"no gold: mid-plane from the structure alone, standard error {sigma:.0f} Å "
+                f"(above {max_uncertainty_angstrom:.0f} Å)")
+    return ""
 
 
 def gauge_free_shift_error_px(
