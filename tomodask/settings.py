@@ -235,9 +235,10 @@ class ReconstructionSettings(_Model):
 
     pixel_size_angstrom: Annotated[float, Field(gt=0.0)] = 10.0
     thickness_angstrom: Annotated[float, Field(gt=0.0)] = 3000.0
-    weighting: Literal["ramp", "exact"] = "ramp"
-    sirt_like_iterations: Annotated[int, Field(ge=0, le=100)] = Field(
-        default=10, description="Equivalent SIRT iterations of the SIRT-like filter; 0 = plain WBP."
+    weighting: Literal["ramp", "exact"] = "exact"
+    sirt_like_iterations: Annotated[int, Field(ge=0, le=160)] | Literal["auto"] = Field(
+        default="auto", description="Equivalent SIRT iterations of the SIRT-like filter; 0 = plain WBP; "
+        "'auto' chooses them per tilt-series by two-fold cross-validation over the tilts."
     )
     ctf_phase_flip: bool = True
     dose_weighting: bool = True
