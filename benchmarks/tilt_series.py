@@ -14,6 +14,10 @@ Alignment cases (simulated with the simulator's defaults: shift spread 2 % of th
 ``tiny``
     the session tests' preset: 16 tilts of 8°, 384² at 2.5 Å/px aligned at 7.5 Å, 1000 Å
     of ice in a 960 Å field, recorded axis 2° off, one dark tilt.
+``tiny_pretilt5``
+    the tiny preset with a 5° pre-tilt (seed 0: gold on one surface only).
+``nogold``
+    ``default`` without gold beads (particles and a vesicle only).
 
 Errors at the alignment pixel size, per tilt, max and median over the tilts each tool kept:
 ``offset_err`` after removing only a common offset (what a reconstruction centred on the
@@ -55,7 +59,19 @@ CASES = {
                      nominal_axis=82.0, align_px=12.0),
     "tiny": dict(spec={**SIZE_PRESETS["tiny"], "tilt_step_deg": 8.0, "dark_tilt_acquisition_indices": (13,)},
                  nominal_axis=87.0, align_px=7.5),
+    "tiny_pretilt5": dict(spec={**SIZE_PRESETS["tiny"], "tilt_step_deg": 8.0, "dark_tilt_acquisition_indices": (13,),
+                                "tilt_angle_offset_deg": 5.0}, nominal_axis=87.0, align_px=7.5),
+    "nogold": dict(spec=dict(shape_yx=(256, 256), pixel_size_angstrom=6.0, n_gold=0), nominal_axis=88.0, align_px=12.0),
 }
+
+
+def midplane_error_angstrom(shifts_px, truth_px, angles_deg, use, pixel_size_angstrom: float) -> float:
+    """Height of the true mid-plane above the rotation centre the shifts imply (Å)."""
+    a = np.deg2rad(TRUE_AXIS)
+    across = (shifts_px[use] - truth_px[use]) @ np.array([np.sin(a), np.cos(a)])
+    sin_t = np.sin(np.deg2rad(angles_deg[use]))
+    coef, *_ = np.linalg.lstsq(np.stack([np.ones_like(sin_t), sin_t], axis=1), across, rcond=None)
+    return float(coef[1] * pixel_size_angstrom)
 
 
 def errors_px(shifts_px, truth_px, angles_deg, use) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +113,10 @@ def align_rows(*, quick: bool) -> list[dict]:
                              tilt_axis_error_deg=abs(res.tilt_axis_angle_deg - TRUE_AXIS),
                              tilt_angle_offset_deg=res.tilt_angle_offset_deg,
                              tilt_angle_offset_true_deg=float(ts.spec.tilt_angle_offset_deg),
+                             midplane_err_angstrom=midplane_error_angstrom(res.shifts_px, ts.shifts_px,
+                                                                           ts.tilt_angles_deg, use, px),
+                             midplane_sigma_angstrom=res.specimen_z_uncertainty_angstrom,
+                             centring=res.centring_method, centring_warning=res.centring_warning,
                              n_tilts_used=int(use.sum()), n_tilts=len(angles)))
 
             rel = ts.images / ts.images.mean(axis=(1, 2), keepdims=True) - 1.0
@@ -142,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     align = [r for r in rows if r.get("step") == "align"]
     print_table(align, ["tool", "case", "seconds", "cpu_seconds", "offset_err_max_px", "offset_err_median_px",
                         "gauge_free_err_max_px", "gauge_free_err_median_px", "tilt_axis_error_deg",
-                        "tilt_angle_offset_deg", "n_tilts_used"])
+                        "tilt_angle_offset_deg", "midplane_err_angstrom", "midplane_sigma_angstrom", "n_tilts_used"])
     for case in sorted({r["case"] for r in align}):
         ours = next(r for r in align if r["case"] == case and r["tool"] == "tomodask")
         for r in align:
@@ -153,6 +173,11 @@ def main(argv: list[str] | None = None) -> None:
                      if key in r and ours.get(key, 0) > 0]
             print(f"{case}: {r['tool']}: " + "; ".join(parts + [f"tomodask takes {ours['seconds'] / r['seconds']:.1f}x"
                                                                 f" its time"]))
+    for r in align:
+        if r["tool"] == "tomodask":
+            print(f"{r['case']}: centring {r['centring']!r}, mid-plane error {r['midplane_err_angstrom']:.0f} Å "
+                  f"(stated standard error {r['midplane_sigma_angstrom']:.0f} Å){'; ' if r['centring_warning'] else ''}"
+                  f"{r['centring_warning']}")
     other = [r for r in rows if r.get("step") != "align"]
     if other:
         keys = sorted({k for r in other for k in r})
