@@ -293,6 +293,9 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
         "tilt_angle_offset_deg": float(al.tilt_angle_offset_deg),
         "alignment_pixel_size_angstrom": float(al.alignment_pixel_size_angstrom),
         "specimen_z_offset_angstrom": float(al.specimen_z_offset_angstrom),
+        "specimen_z_uncertainty_angstrom": (float(al.specimen_z_uncertainty_angstrom)
+                                            if np.isfinite(al.specimen_z_uncertainty_angstrom) else None),
+        "centring_warning": al.centring_warning,
         "alignment_correlation": np.nan_to_num(np.asarray(al.correlation, dtype=float)).tolist(),
         "tomogram_pixel_size_angstrom": rec_px,
         "tomogram_shape_zyx": list(tomo_np.shape),

@@ -282,8 +282,12 @@ class PreprocessTrack:
             if fut.status == "finished":
                 row.state = ItemState.done.value
                 row.metrics = dumps_metrics(fut.result())
-                summary = "done"
-                level = "INFO"
+                summary, level = "done", "INFO"
+                warning = row.metrics.get("centring_warning") if kind == "tilt_series" else ""
+                if warning:
+                    row.flagged = True
+                    row.flag_reason = "; ".join(x for x in (row.flag_reason, warning) if x)
+                    summary, level = f"done, flagged: {warning}", "WARNING"
             elif fut.status == "cancelled":
                 row.state = ItemState.waiting.value
                 summary, level = "cancelled", "WARNING"
