@@ -11,7 +11,9 @@ all slices at once (:mod:`tomodask.kernels.projector`). Steps:
    to the tilt axis, with the defocus gradient of the tilted specimen.
 4. 1D weighting of every row perpendicular to the axis (ramp or exact weighting,
    optionally the SIRT-like filter), with a Gaussian radial roll-off.
-5. Linear-interpolation back-projection, optionally refined by a few SIRT iterations.
+5. Linear-interpolation back-projection, optionally corrected by SIRT on a coarse grid
+   (what SIRT's finite support adds at low resolution) and refined by a few SIRT
+   iterations.
 
 The result keeps the contrast of the images: with the usual underfocus, protein is dark
 (negative), as in IMOD; pass ``invert_contrast=True`` for positive density.
@@ -33,6 +35,7 @@ References
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 
 import numpy as np
@@ -174,13 +177,112 @@ def filter_projections(
     """
     xp = get_array_module(stack_tyx)
     nx = stack_tyx.shape[-1]
-    n_pad = int(2 ** np.ceil(np.log2(2 * nx)))
+    n_pad = _padded_length(nx)
     filt = reconstruction_filter(tilt_angles_deg, n_pad, weighting=weighting, thickness_px=thickness_px,
                                  sirt_like_iterations=sirt_like_iterations, width_px=nx,
                                  radial_cutoff=radial_cutoff, radial_falloff=radial_falloff, xp=xp)
     spec = xp.fft.rfft(stack_tyx.astype(xp.float32), n=n_pad, axis=-1)
     filtered = xp.fft.irfft(spec * filt[:, None, :], n=n_pad, axis=-1)
     return xp.ascontiguousarray(filtered[..., :nx]).astype(xp.float32)
+
+
+def _padded_length(nx: int) -> int:
+    """Power of two at least twice the row length (linear convolution without wrap-around)."""
+    return int(2 ** np.ceil(np.log2(2 * nx)))
+
+
+@dataclass(frozen=True)
+class SirtLikeChoice:
+    """Outcome of :func:`select_sirt_like_reconstruction`.
+
+    Attributes
+    ----------
+    iterations
+        Equivalent SIRT iterations of the SIRT-like filter.
+    coarse_sirt
+        Whether to add the coarse-grid SIRT correction (:func:`coarse_sirt_correction`).
+    score_gain
+        Mean held-out correlation gain of the corrected reconstruction over the best
+        uncorrected one (per row and fold), and its standard error.
+    score_gain_se
+        Standard error of ``score_gain``.
+    """
+
+    iterations: float
+    coarse_sirt: bool
+    score_gain: float
+    score_gain_se: float
+
+
+def _refine_on_log_scale(candidates: tuple[float, ...], scores: np.ndarray) -> float:
+    """Best candidate, refined by a parabola through its neighbours' scores on a log scale."""
+    best = int(np.argmax(scores))
+    if best == 0 or best == len(candidates) - 1:
+        return float(candidates[best])
+    log_k = np.log(np.asarray(candidates[best - 1:best + 2], dtype=np.float64))
+    a, b, _ = np.polyfit(log_k, scores[best - 1:best + 2], 2)
+    return float(np.exp(np.clip(-b / (2 * a), log_k[0], log_k[2]))) if a < 0 else float(candidates[best])
+
+
+def _held_out_scores(
+    stack_tyx,
+    angles: np.ndarray,
+    *,
+    thickness_px: int,
+    weighting: str,
+    candidates: tuple[float, ...],
+    rows: np.ndarray,
+    radial_cutoff: float,
+    radial_falloff: float,
+    z_offset_px: float,
+    corrections=None,
+):
+    """Two-fold tilt cross-validation scores of SIRT-like reconstructions of ``rows``.
+
+    ``corrections(train)``, if given, returns ``(k, z, len(rows), x)`` volumes added to the
+    reconstructions from the ``train`` tilts. Returns ``(dot, pred_sq, obs_sq)``, each
+    ``(fold, candidate, row)`` sums after the ``sqrt|f|`` weighting.
+    """
+    xp = get_array_module(stack_tyx)
+    n_t, _, nx = stack_tyx.shape
+    sub = stack_tyx[:, xp.asarray(rows)].astype(xp.float32)
+    n_k, n_r = len(candidates), len(rows)
+    n_pad = _padded_length(nx)
+    score_weight = xp.asarray(np.sqrt(np.fft.rfftfreq(n_pad)).astype(np.float32))
+
+    def weighted(rows_tyx):
+        return xp.fft.irfft(xp.fft.rfft(rows_tyx, n=n_pad, axis=-1) * score_weight, n=n_pad, axis=-1)[..., :nx]
+
+    order = np.argsort(angles)
+    sums = np.zeros((3, 2, n_k, n_r))
+    for fold, held_out in enumerate((order[0::2], order[1::2])):
+        train = np.setdiff1d(order, held_out)
+        # the held-out tilts stay in the stack as zeros, so the full geometry's cached
+        # projector matrices serve every fold and candidate
+        filtered = xp.zeros((n_t, n_k * n_r, nx), dtype=xp.float32)
+        for i, k in enumerate(candidates):
+            filtered[xp.asarray(train), i * n_r:(i + 1) * n_r] = filter_projections(
+                sub[xp.asarray(train)], angles[train], thickness_px=thickness_px, weighting=weighting,
+                sirt_like_iterations=k, radial_cutoff=radial_cutoff, radial_falloff=radial_falloff)
+        vol = backproject(filtered, angles, thickness_px=int(thickness_px), z_offset_px=z_offset_px)
+        if corrections is not None:
+            extra = corrections(train)  # (k, z, r, x)
+            vol = vol + xp.transpose(extra, (1, 0, 2, 3)).reshape(vol.shape)
+        pred = project_volume(vol, angles, n_detector_px=nx, z_offset_px=z_offset_px)[xp.asarray(held_out)]
+        obs_w = weighted(sub[xp.asarray(held_out)])
+        pred_w = weighted(pred).reshape(len(held_out), n_k, n_r, nx)
+        obs_w = obs_w - obs_w.mean()
+        pred_w = pred_w - pred_w.mean(axis=(0, 2, 3), keepdims=True)
+        for j, term in enumerate(((pred_w * obs_w[:, None]).sum(axis=(0, 3)), (pred_w**2).sum(axis=(0, 3)),
+                                  xp.broadcast_to((obs_w**2).sum(axis=(0, 2))[None], (n_k, n_r)))):
+            sums[j, fold] = np.asarray(to_numpy(term), dtype=np.float64)
+    return sums
+
+
+def _pooled_correlation(sums: np.ndarray) -> np.ndarray:
+    """``(candidate,)`` correlation over all rows, summed over folds, from :func:`_held_out_scores`."""
+    dot, pp, oo = sums.sum(axis=-1)
+    return (dot / np.sqrt(np.maximum(pp * oo, 1e-60))).sum(axis=0)
 
 
 def select_sirt_like_iterations(
@@ -237,44 +339,222 @@ def select_sirt_like_iterations(
     balances resolution against noise for the data at hand: more iterations for
     high-dose, low-noise series, fewer for noisy ones [3]_.
     """
+    angles = np.asarray(tilt_angles_deg, dtype=np.float64).ravel()
+    ny = stack_tyx.shape[1]
+    rows = np.unique(np.linspace(0, ny - 1, min(int(n_rows), ny)).round().astype(np.int64))
+    sums = _held_out_scores(stack_tyx, angles, thickness_px=int(thickness_px), weighting=weighting,
+                            candidates=candidates, rows=rows, radial_cutoff=radial_cutoff,
+                            radial_falloff=radial_falloff, z_offset_px=z_offset_px)
+    return _refine_on_log_scale(candidates, _pooled_correlation(sums))
+
+
+def select_sirt_like_reconstruction(
+    stack_tyx: np.ndarray,
+    tilt_angles_deg: np.ndarray,
+    *,
+    thickness_px: int,
+    weighting: str = "exact",
+    candidates: tuple[float, ...] = SIRT_LIKE_CANDIDATES,
+    n_rows: int = 16,
+    binning: int = 4,
+    n_standard_errors: float = 2.0,
+    radial_cutoff: float = 0.35,
+    radial_falloff: float = 0.05,
+    z_offset_px: float = 0.0,
+) -> SirtLikeChoice:
+    """Choose SIRT-like iterations and whether to add the coarse SIRT correction.
+
+    Parameters
+    ----------
+    stack_tyx
+        ``(t, y, x)`` zero-mean tilt images, tilt axis along y.
+    tilt_angles_deg
+        ``(t,)`` tilt angles.
+    thickness_px
+        Number of z slices of the reconstruction.
+    weighting, radial_cutoff, radial_falloff
+        As in :func:`reconstruction_filter`.
+    candidates
+        Equivalent iteration counts to try, increasing.
+    n_rows
+        Number of coarse rows (evenly spaced; the fine row nearest each one's centre)
+        used for the test.
+    binning
+        Coarse grid of :func:`coarse_sirt_correction`.
+    n_standard_errors
+        The correction is chosen only if its held-out gain exceeds this many standard
+        errors.
+    z_offset_px
+        Height of the volume centre above the specimen origin.
+
+    Returns
+    -------
+    SirtLikeChoice
+        Iterations (refined as in :func:`select_sirt_like_iterations`, within the chosen
+        family) and whether to correct.
+
+    Notes
+    -----
+    Both families, SIRT-like filtered back-projection with and without the coarse SIRT
+    correction, are scored by the two-fold tilt cross-validation of
+    :func:`select_sirt_like_iterations` over the same candidates (the coarse SIRT runs
+    once per fold; its iterates at the candidate counts give every correction). The
+    correction adds detail that held-out tilts can only partly check, so it is taken
+    only when the best corrected candidate predicts the held-out tilts better than the
+    best uncorrected one by ``n_standard_errors`` standard errors of the paired
+    per-row, per-fold difference of correlations (a one-sided paired test).
+    """
     xp = get_array_module(stack_tyx)
     angles = np.asarray(tilt_angles_deg, dtype=np.float64).ravel()
     n_t, ny, nx = stack_tyx.shape
-    rows = np.unique(np.linspace(0, ny - 1, min(int(n_rows), ny)).round().astype(np.int64))
-    sub = stack_tyx[:, xp.asarray(rows)].astype(xp.float32)
-    n_k = len(candidates)
-    n_pad = int(2 ** np.ceil(np.log2(2 * nx)))
-    score_weight = xp.asarray(np.sqrt(np.fft.rfftfreq(n_pad)).astype(np.float32))
+    b = int(binning)
+    coarse, (y0, x0) = _bin_images(stack_tyx, b)
+    ny_c = coarse.shape[1]
+    rows_c = np.unique(np.linspace(0, ny_c - 1, min(int(n_rows), ny_c)).round().astype(np.int64))
+    rows = y0 + rows_c * b + b // 2
+    nz = int(thickness_px)
 
-    def weighted(rows_tyx):
-        return xp.fft.irfft(xp.fft.rfft(rows_tyx, n=n_pad, axis=-1) * score_weight, n=n_pad, axis=-1)[..., :nx]
+    def corrections(train):
+        diffs = _coarse_sirt_differences(coarse[xp.asarray(train)][:, xp.asarray(rows_c)], angles[train],
+                                         thickness_px=nz, n_iterations=candidates, binning=b,
+                                         weighting=weighting, z_offset_px=z_offset_px)
+        return xp.stack([_upsample_linear(d, (nz, len(rows_c), nx), (b, 1, b)) for d in diffs])
 
-    order = np.argsort(angles)
-    scores = np.zeros(n_k)
-    for held_out in (order[0::2], order[1::2]):
-        train = np.setdiff1d(order, held_out)
-        # the held-out tilts stay in the stack as zeros, so the full geometry's cached
-        # projector matrices serve every fold and candidate
-        filtered = xp.zeros((n_t, n_k * len(rows), nx), dtype=xp.float32)
-        for i, k in enumerate(candidates):
-            filtered[xp.asarray(train), i * len(rows):(i + 1) * len(rows)] = filter_projections(
-                sub[xp.asarray(train)], angles[train], thickness_px=thickness_px, weighting=weighting,
-                sirt_like_iterations=k, radial_cutoff=radial_cutoff, radial_falloff=radial_falloff)
-        vol = backproject(filtered, angles, thickness_px=int(thickness_px), z_offset_px=z_offset_px)
-        pred = project_volume(vol, angles, n_detector_px=nx, z_offset_px=z_offset_px)[xp.asarray(held_out)]
-        obs_w = weighted(sub[xp.asarray(held_out)])
-        pred_w = weighted(pred).reshape(len(held_out), n_k, len(rows), nx)
-        obs_w = obs_w - obs_w.mean()
-        pred_w = pred_w - pred_w.mean(axis=(0, 2, 3), keepdims=True)
-        dot = (pred_w * obs_w[:, None]).sum(axis=(0, 2, 3))
-        norm = xp.sqrt((pred_w**2).sum(axis=(0, 2, 3)) * (obs_w**2).sum())
-        scores += np.asarray(to_numpy(dot / xp.maximum(norm, 1e-30)), dtype=np.float64)
-    best = int(np.argmax(scores))
-    if best == 0 or best == n_k - 1:
-        return float(candidates[best])
-    log_k = np.log(np.asarray(candidates[best - 1:best + 2], dtype=np.float64))
-    a, b, _ = np.polyfit(log_k, scores[best - 1:best + 2], 2)
-    return float(np.exp(np.clip(-b / (2 * a), log_k[0], log_k[2]))) if a < 0 else float(candidates[best])
+    common = dict(thickness_px=nz, weighting=weighting, candidates=candidates, rows=rows,
+                  radial_cutoff=radial_cutoff, radial_falloff=radial_falloff, z_offset_px=z_offset_px)
+    plain = _held_out_scores(stack_tyx, angles, **common)
+    corrected = _held_out_scores(stack_tyx, angles, corrections=corrections, **common)
+    score_plain, score_corr = _pooled_correlation(plain), _pooled_correlation(corrected)
+    i_plain, i_corr = int(np.argmax(score_plain)), int(np.argmax(score_corr))
+
+    def per_row(sums, i):
+        dot, pp, oo = sums[:, :, i]
+        return (dot / np.sqrt(np.maximum(pp * oo, 1e-60))).ravel()
+
+    diff = per_row(corrected, i_corr) - per_row(plain, i_plain)
+    gain, se = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(diff.size))
+    use = gain > n_standard_errors * se
+    k = _refine_on_log_scale(candidates, score_corr if use else score_plain)
+    return SirtLikeChoice(iterations=k, coarse_sirt=bool(use), score_gain=gain, score_gain_se=se)
+
+
+def _bin_images(stack_tyx, binning: int):
+    """Block-average the central ``binning * (n // binning)`` rows and columns; returns the offsets used."""
+    xp = get_array_module(stack_tyx)
+    n_t, ny, nx = stack_tyx.shape
+    ny_c, nx_c = max(ny // binning, 1), max(nx // binning, 1)
+    y0, x0 = (ny - ny_c * binning) // 2, (nx - nx_c * binning) // 2
+    crop = stack_tyx[:, y0:y0 + ny_c * binning, x0:x0 + nx_c * binning].astype(xp.float32)
+    by, bx = crop.shape[1] // ny_c, crop.shape[2] // nx_c
+    return crop.reshape(n_t, ny_c, by, nx_c, bx).mean(axis=(2, 4)), (y0, x0)
+
+
+def _coarse_coordinate(n_fine: int, n_coarse: int, binning: int, xp: ModuleType):
+    """Linear-interpolation indices and weights of each fine voxel on a centre-aligned coarse axis."""
+    c = (np.arange(n_fine) - (n_fine - 1) / 2) / binning + (n_coarse - 1) / 2
+    c = np.clip(c, 0.0, n_coarse - 1)
+    i0 = np.minimum(np.floor(c).astype(np.int64), max(n_coarse - 2, 0))
+    w = (c - i0).astype(np.float32)
+    i1 = np.minimum(i0 + 1, n_coarse - 1)
+    return xp.asarray(i0), xp.asarray(i1), xp.asarray(w)
+
+
+def _upsample_linear(volume, shape: tuple[int, ...], binnings: tuple[int, ...]):
+    """Centre-aligned separable linear interpolation of a coarse array onto a finer grid."""
+    xp = get_array_module(volume)
+    out = volume
+    for axis, (n_fine, b) in enumerate(zip(shape, binnings)):
+        if b == 1 and out.shape[axis] == n_fine:
+            continue
+        i0, i1, w = _coarse_coordinate(n_fine, out.shape[axis], b, xp)
+        w = w.reshape((-1,) + (1,) * (out.ndim - axis - 1))
+        out = xp.take(out, i0, axis=axis) * (1.0 - w) + xp.take(out, i1, axis=axis) * w
+    return out.astype(xp.float32)
+
+
+def _coarse_sirt_differences(coarse_tyx, angles: np.ndarray, *, thickness_px: int, n_iterations, binning: int,
+                             weighting: str, z_offset_px: float) -> list:
+    """``(S_k p_c - B H_k p_c) / binning`` on the coarse grid for increasing counts ``k``."""
+    xp = get_array_module(coarse_tyx)
+    nz_c = max(int(np.ceil(thickness_px / binning)), 1)
+    z_off_c = z_offset_px / binning
+    _, ny_c, nx_c = coarse_tyx.shape
+    sirt = xp.zeros((nz_c, ny_c, nx_c), dtype=xp.float32)
+    done, out = 0, []
+    for k in n_iterations:
+        n_it = max(int(round(float(k))), 1)
+        if n_it > done:
+            sirt = sirt_refine(sirt, coarse_tyx, angles, n_iterations=n_it - done, z_offset_px=z_off_c)
+            done = n_it
+        fbp = backproject(filter_projections(coarse_tyx, angles, thickness_px=nz_c, weighting=weighting,
+                                             sirt_like_iterations=n_it), angles, thickness_px=nz_c,
+                          z_offset_px=z_off_c)
+        out.append((sirt - fbp) / binning)
+    return out
+
+
+def coarse_sirt_correction(
+    stack_tyx: np.ndarray,
+    tilt_angles_deg: np.ndarray,
+    *,
+    thickness_px: int,
+    n_iterations: float,
+    binning: int = 4,
+    weighting: str = "exact",
+    z_offset_px: float = 0.0,
+) -> np.ndarray:
+    """What real SIRT adds to the SIRT-like filtered back-projection, computed on a coarse grid.
+
+    Parameters
+    ----------
+    stack_tyx
+        ``(t, y, x)`` zero-mean tilt images, tilt axis along y.
+    tilt_angles_deg
+        ``(t,)`` tilt angles.
+    thickness_px
+        Number of z slices of the (fine) reconstruction.
+    n_iterations
+        SIRT iterations ``k`` (rounded, at least 1); the SIRT-like filter uses the same ``k``.
+    binning
+        Coarse voxel size in fine pixels (block averaging of the images; the central
+        ``binning * (n // binning)`` pixels of each axis are used).
+    weighting
+        Weighting of the SIRT-like filter (:func:`reconstruction_filter`).
+    z_offset_px
+        Height of the volume centre above the specimen origin, in fine voxels.
+
+    Returns
+    -------
+    ndarray
+        ``(z, y, x)`` float32 correction in fine-voxel density units, to add to the
+        SIRT-like reconstruction with ``k`` iterations: ``(S_k p_c - B H_k p_c) / binning``
+        on the coarse grid (``p_c`` the binned images, ``S_k`` ``k`` SIRT iterations from
+        zero, ``B H_k`` the SIRT-like filtered back-projection), linearly interpolated to
+        the fine grid (centre-aligned).
+
+    Notes
+    -----
+    The SIRT-like filter [3]_ reproduces SIRT's frequency response per tilt line, but
+    SIRT also uses the volume's finite support and its row and column sums vary over
+    the slice; no filter of the projections reproduces that. On a 512 x 133 slice at
+    12 A/px SIRT-20 and its SIRT-like imitation correlate only 0.89 (a per-frequency
+    filter fitted to SIRT-20 by least squares does not raise that), and adding only
+    their difference below about 0.04 cycles/pixel recovers all of SIRT's advantage in
+    correlation with the phantom. That part is computed here with the images binned
+    ``binning`` times in x and y (``binning**3`` times fewer voxel-tilt products per
+    iteration). SIRT's response at a physical frequency depends on the product of ray
+    length and frequency, which binning leaves unchanged, so the same ``k`` serves both
+    grids.
+    """
+    b = int(binning)
+    if b < 1:
+        raise ValueError(f"binning={binning!r} must be a positive integer")
+    n_t, ny, nx = stack_tyx.shape
+    coarse, _ = _bin_images(stack_tyx, b)
+    (diff,) = _coarse_sirt_differences(coarse, np.asarray(tilt_angles_deg, dtype=np.float64).ravel(),
+                                       thickness_px=int(thickness_px), n_iterations=(n_iterations,), binning=b,
+                                       weighting=weighting, z_offset_px=z_offset_px)
+    return _upsample_linear(diff, (int(thickness_px), ny, nx), (b, b, b))
 
 
 def _phase_flip(
@@ -369,6 +649,7 @@ def reconstruct_tomogram(
     weighting: str = "ramp",
     sirt_like_iterations: float | str = 0,
     sirt_iterations: int = 0,
+    coarse_sirt_binning: int = 4,
     radial_cutoff: float = 0.35,
     radial_falloff: float = 0.05,
     defocus_angstrom: np.ndarray | None = None,
@@ -407,9 +688,15 @@ def reconstruct_tomogram(
         flipping; best with ``weighting="exact"``). With ``sirt_iterations = m`` the
         filter then uses ``max(k - m, 1)``: ``m`` SIRT iterations started from the
         SIRT-like ``k - m`` reconstruction act like ``k`` SIRT iterations in total [3]_.
+        "auto" also decides, by the same cross-validation, whether to add the coarse-grid
+        SIRT correction (:func:`select_sirt_like_reconstruction`,
+        :func:`coarse_sirt_correction`).
     sirt_iterations
         Real SIRT iterations started from the weighted back-projection
         (:func:`sirt_refine`; each costs one forward and one back-projection).
+    coarse_sirt_binning
+        Coarse grid (in output voxels) of the SIRT correction that "auto" may add; 0:
+        never add it (then "auto" is :func:`select_sirt_like_iterations`).
     radial_cutoff, radial_falloff
         Gaussian roll-off of the filter, cycles per output pixel.
     defocus_angstrom
@@ -466,15 +753,25 @@ def reconstruct_tomogram(
             astigmatism_angle_deg=_per_tilt(astigmatism_angle_deg, n_t, "astigmatism_angle_deg"),
             voltage_kv=voltage_kv, spherical_aberration_mm=spherical_aberration_mm,
             amplitude_contrast=amplitude_contrast, defocus_tolerance_angstrom=defocus_tolerance_angstrom)
+    coarse_sirt = False
     if sirt_like_iterations == "auto":
-        sirt_like_iterations = select_sirt_like_iterations(
-            stack, angles, thickness_px=thickness_px, weighting=weighting, radial_cutoff=radial_cutoff,
-            radial_falloff=radial_falloff, z_offset_px=z_offset_px)
+        if coarse_sirt_binning > 0:
+            choice = select_sirt_like_reconstruction(
+                stack, angles, thickness_px=thickness_px, weighting=weighting, binning=coarse_sirt_binning,
+                radial_cutoff=radial_cutoff, radial_falloff=radial_falloff, z_offset_px=z_offset_px)
+            sirt_like_iterations, coarse_sirt = choice.iterations, choice.coarse_sirt
+        else:
+            sirt_like_iterations = select_sirt_like_iterations(
+                stack, angles, thickness_px=thickness_px, weighting=weighting, radial_cutoff=radial_cutoff,
+                radial_falloff=radial_falloff, z_offset_px=z_offset_px)
         sirt_like_iterations = max(sirt_like_iterations - sirt_iterations, 1.0)
     filtered = filter_projections(stack, angles, thickness_px=thickness_px, weighting=weighting,
                                   sirt_like_iterations=sirt_like_iterations, radial_cutoff=radial_cutoff,
                                   radial_falloff=radial_falloff)
     vol = backproject(filtered, angles, thickness_px=thickness_px, z_offset_px=z_offset_px)
+    if coarse_sirt:
+        vol += coarse_sirt_correction(stack, angles, thickness_px=thickness_px, n_iterations=sirt_like_iterations,
+                                      binning=coarse_sirt_binning, weighting=weighting, z_offset_px=z_offset_px)
     if sirt_iterations > 0:
         vol = sirt_refine(vol, stack, angles, n_iterations=sirt_iterations, z_offset_px=z_offset_px)
     return -vol if invert_contrast else vol
