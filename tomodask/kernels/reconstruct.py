@@ -240,8 +240,9 @@ def _held_out_scores(
     """Two-fold tilt cross-validation scores of SIRT-like reconstructions of ``rows``.
 
     ``corrections(train)``, if given, returns ``(k, z, len(rows), x)`` volumes added to the
-    reconstructions from the ``train`` tilts. Returns ``(dot, pred_sq, obs_sq)``, each
-    ``(fold, candidate, row)`` sums after the ``sqrt|f|`` weighting.
+    reconstructions from the ``train`` tilts; both the plain and the corrected ones are
+    scored. Returns ``(family, 3, fold, candidate, row)`` sums ``(dot, pred_sq, obs_sq)``
+    after the ``sqrt|f|`` weighting (family 0 plain, 1 corrected).
     """
     xp = get_array_module(stack_tyx)
     n_t, _, nx = stack_tyx.shape
@@ -254,7 +255,8 @@ def _held_out_scores(
         return xp.fft.irfft(xp.fft.rfft(rows_tyx, n=n_pad, axis=-1) * score_weight, n=n_pad, axis=-1)[..., :nx]
 
     order = np.argsort(angles)
-    sums = np.zeros((3, 2, n_k, n_r))
+    n_fam = 1 if corrections is None else 2
+    sums = np.zeros((n_fam, 3, 2, n_k, n_r))
     for fold, held_out in enumerate((order[0::2], order[1::2])):
         train = np.setdiff1d(order, held_out)
         # the held-out tilts stay in the stack as zeros, so the full geometry's cached
@@ -267,15 +269,15 @@ def _held_out_scores(
         vol = backproject(filtered, angles, thickness_px=int(thickness_px), z_offset_px=z_offset_px)
         if corrections is not None:
             extra = corrections(train)  # (k, z, r, x)
-            vol = vol + xp.transpose(extra, (1, 0, 2, 3)).reshape(vol.shape)
+            vol = xp.concatenate([vol, vol + xp.transpose(extra, (1, 0, 2, 3)).reshape(vol.shape)], axis=1)
         pred = project_volume(vol, angles, n_detector_px=nx, z_offset_px=z_offset_px)[xp.asarray(held_out)]
         obs_w = weighted(sub[xp.asarray(held_out)])
-        pred_w = weighted(pred).reshape(len(held_out), n_k, n_r, nx)
+        pred_w = weighted(pred).reshape(len(held_out), n_fam, n_k, n_r, nx)
         obs_w = obs_w - obs_w.mean()
-        pred_w = pred_w - pred_w.mean(axis=(0, 2, 3), keepdims=True)
-        for j, term in enumerate(((pred_w * obs_w[:, None]).sum(axis=(0, 3)), (pred_w**2).sum(axis=(0, 3)),
-                                  xp.broadcast_to((obs_w**2).sum(axis=(0, 2))[None], (n_k, n_r)))):
-            sums[j, fold] = np.asarray(to_numpy(term), dtype=np.float64)
+        pred_w = pred_w - pred_w.mean(axis=(0, 3, 4), keepdims=True)
+        for j, term in enumerate(((pred_w * obs_w[:, None, None]).sum(axis=(0, 4)), (pred_w**2).sum(axis=(0, 4)),
+                                  xp.broadcast_to((obs_w**2).sum(axis=(0, 2))[None, None], (n_fam, n_k, n_r)))):
+            sums[:, j, fold] = np.asarray(to_numpy(term), dtype=np.float64)
     return sums
 
 
@@ -345,7 +347,7 @@ def select_sirt_like_iterations(
     sums = _held_out_scores(stack_tyx, angles, thickness_px=int(thickness_px), weighting=weighting,
                             candidates=candidates, rows=rows, radial_cutoff=radial_cutoff,
                             radial_falloff=radial_falloff, z_offset_px=z_offset_px)
-    return _refine_on_log_scale(candidates, _pooled_correlation(sums))
+    return _refine_on_log_scale(candidates, _pooled_correlation(sums[0]))
 
 
 def select_sirt_like_reconstruction(
@@ -377,8 +379,8 @@ def select_sirt_like_reconstruction(
     candidates
         Equivalent iteration counts to try, increasing.
     n_rows
-        Number of coarse rows (evenly spaced; the fine row nearest each one's centre)
-        used for the test.
+        Number of fine rows used for the test: up to ``n_rows`` evenly spaced coarse rows,
+        and the central ``n_rows // (coarse rows)`` (at most ``binning``) fine rows of each.
     binning
         Coarse grid of :func:`coarse_sirt_correction`.
     n_standard_errors
@@ -411,19 +413,23 @@ def select_sirt_like_reconstruction(
     coarse, (y0, x0) = _bin_images(stack_tyx, b)
     ny_c = coarse.shape[1]
     rows_c = np.unique(np.linspace(0, ny_c - 1, min(int(n_rows), ny_c)).round().astype(np.int64))
-    rows = y0 + rows_c * b + b // 2
+    per_block = min(max(int(n_rows) // len(rows_c), 1), b)
+    # fine rows: per_block rows around the centre of each coarse row's block
+    rows = (y0 + rows_c[:, None] * b + (b - per_block) // 2 + np.arange(per_block)[None, :]).ravel()
     nz = int(thickness_px)
 
     def corrections(train):
         diffs = _coarse_sirt_differences(coarse[xp.asarray(train)][:, xp.asarray(rows_c)], angles[train],
                                          thickness_px=nz, n_iterations=candidates, binning=b,
                                          weighting=weighting, z_offset_px=z_offset_px)
-        return xp.stack([_upsample_linear(d, (nz, len(rows_c), nx), (b, 1, b)) for d in diffs])
+        # each fine row takes its block's coarse row (no interpolation along y)
+        return xp.stack([xp.repeat(_upsample_linear(d, (nz, len(rows_c), nx), (b, 1, b)), per_block, axis=1)
+                         for d in diffs])
 
-    common = dict(thickness_px=nz, weighting=weighting, candidates=candidates, rows=rows,
-                  radial_cutoff=radial_cutoff, radial_falloff=radial_falloff, z_offset_px=z_offset_px)
-    plain = _held_out_scores(stack_tyx, angles, **common)
-    corrected = _held_out_scores(stack_tyx, angles, corrections=corrections, **common)
+    plain, corrected = _held_out_scores(
+        stack_tyx, angles, thickness_px=nz, weighting=weighting, candidates=candidates, rows=rows,
+        radial_cutoff=radial_cutoff, radial_falloff=radial_falloff, z_offset_px=z_offset_px,
+        corrections=corrections)
     score_plain, score_corr = _pooled_correlation(plain), _pooled_correlation(corrected)
     i_plain, i_corr = int(np.argmax(score_plain)), int(np.argmax(score_corr))
 
