@@ -1278,6 +1278,43 @@ def _neighbour_median(values: np.ndarray, angles: np.ndarray, idx: np.ndarray, k
     return out
 
 
+def _weak_links(binned_tyx, angles: np.ndarray, nominal: np.ndarray, idx: np.ndarray, shifts: np.ndarray,
+                axis_deg: float, corr: _Correlator, *, radius_px: float, min_peak_ratio: float,
+                min_relative_correlation: float) -> dict[int, str]:
+    """Tilts placed through a weak neighbour link: ``{tilt: reason}``.
+
+    Each of the tilts ``idx`` (but the one nearest 0°) is correlated with its neighbour
+    towards 0° in ``idx``, stretched to its view and moved by its shift; walking outwards
+    on each side, the first link with peak ratio below ``min_peak_ratio`` and correlation
+    below ``min_relative_correlation`` times the median link's, and all tilts beyond it,
+    are returned.
+    """
+    start = int(idx[np.argmin(np.abs(nominal[idx]))])
+    outward = [idx[idx < start][::-1], idx[idx > start]]
+    pairs = [(int(i), int(j)) for side in outward for i, j in zip(side, np.concatenate([[start], side[:-1]]))]
+    if len(pairs) < 3:
+        return {}
+    refs = corr.xp.stack([_stretched_reference(binned_tyx, angles, i, [j], shifts, tilt_axis_angle_deg=axis_deg)
+                          for i, j in pairs])
+    tilts = np.array([i for i, _ in pairs])
+    _, c, r = corr.match(corr.prepare(binned_tyx[tilts]), corr.prepare(refs), centres_yx=shifts[tilts],
+                         radii_px=radius_px)
+    typical = float(np.median(c))
+    weak = (r < min_peak_ratio) & (c < min_relative_correlation * typical)
+    out: dict[int, str] = {}
+    for side in outward:
+        k = np.flatnonzero(weak[np.isin(tilts, side)])
+        if len(k) == 0:
+            continue
+        first = int(side[k[0]])
+        n = int(np.flatnonzero(tilts == first)[0])
+        for i in side[k[0]:]:
+            out[int(i)] = (f"{ALIGNMENT_FAILED} (not placed reliably: the link of the {angles[first]:.1f} degree tilt to "
+                           f"its neighbour towards 0 has peak ratio {r[n]:.2f} and correlation {c[n]:.2f}, median "
+                           f"{typical:.2f}; no gold to check it)")
+    return out
+
+
 def align_tilt_series(
     images_tyx: np.ndarray,
     tilt_angles_deg: np.ndarray,
@@ -1301,6 +1338,8 @@ def align_tilt_series(
     max_shift_fraction: tuple[float, float] = (0.1, 0.3),
     ice_mean_free_path_angstrom: float = 3500.0,
     max_centring_uncertainty_angstrom: float = 50.0,
+    min_link_peak_ratio: float = 1.5,
+    min_link_relative_correlation: float = 0.75,
 ) -> TiltSeriesAlignment:
     """Align a tilt-series without fiducials (see the module docstring for the steps).
 
@@ -1356,6 +1395,14 @@ def align_tilt_series(
     max_centring_uncertainty_angstrom
         Without gold, a mid-plane whose standard error exceeds this is still used but
         reported in ``centring_warning``.
+    min_link_peak_ratio, min_link_relative_correlation
+        Without gold (the mid-plane not found from gold beads), nothing but its
+        neighbours places a tilt across the axis: each kept tilt is correlated once more
+        with its aligned neighbour towards 0°, and a link whose peak ratio is below
+        ``min_link_peak_ratio`` *and* whose correlation is below
+        ``min_link_relative_correlation`` times the median link's is weak. That tilt and
+        every tilt beyond it (placed through it) are reported as ``"alignment failed
+        (...)"`` and excluded.
 
     Returns
     -------
@@ -1593,6 +1640,10 @@ def align_tilt_series(
     if final.n_features >= 3:
         model = np.sqrt((final.shift_corrections_uv**2).sum(axis=1) + np.nan_to_num(final.rms_px) ** 2)
         residual_b[idx] = np.where(final.measured, model, residual_b[idx])
+    if geometry is None or not geometry.method.startswith("gold"):
+        failed.update(_weak_links(binned, final_angles, nominal, np.flatnonzero(ok), shifts_b, axis, coarse_corr,
+                                  radius_px=matcher.small_radius_px, min_peak_ratio=min_link_peak_ratio,
+                                  min_relative_correlation=min_link_relative_correlation))
     for i, why in failed.items():
         reasons[i] = why
     ok &= np.array([r == "" for r in reasons])
