@@ -203,7 +203,7 @@ class SirtLikeChoice:
         Whether to add the coarse-grid SIRT correction (:func:`coarse_sirt_correction`).
     score_gain
         Mean held-out correlation gain of the corrected reconstruction over the best
-        uncorrected one (per row and fold), and its standard error.
+        uncorrected one (per coarse block of rows and fold).
     score_gain_se
         Standard error of ``score_gain``.
     """
@@ -404,7 +404,8 @@ def select_sirt_like_reconstruction(
     correction adds detail that held-out tilts can only partly check, so it is taken
     only when the best corrected candidate predicts the held-out tilts better than the
     best uncorrected one by ``n_standard_errors`` standard errors of the paired
-    per-row, per-fold difference of correlations (a one-sided paired test).
+    per-block, per-fold difference of correlations (a one-sided paired test; the rows of
+    one coarse block share its correction, so they make one sample).
     """
     xp = get_array_module(stack_tyx)
     angles = np.asarray(tilt_angles_deg, dtype=np.float64).ravel()
@@ -433,11 +434,12 @@ def select_sirt_like_reconstruction(
     score_plain, score_corr = _pooled_correlation(plain), _pooled_correlation(corrected)
     i_plain, i_corr = int(np.argmax(score_plain)), int(np.argmax(score_corr))
 
-    def per_row(sums, i):
-        dot, pp, oo = sums[:, :, i]
+    def block_scores(sums, i):
+        # rows of one coarse block share its correction: pool them into one sample
+        dot, pp, oo = sums[:, :, i].reshape(3, 2, len(rows_c), per_block).sum(axis=-1)
         return (dot / np.sqrt(np.maximum(pp * oo, 1e-60))).ravel()
 
-    diff = per_row(corrected, i_corr) - per_row(plain, i_plain)
+    diff = block_scores(corrected, i_corr) - block_scores(plain, i_plain)
     gain, se = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(diff.size))
     use = gain > n_standard_errors * se
     k = _refine_on_log_scale(candidates, score_corr if use else score_plain)
