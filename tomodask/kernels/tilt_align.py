@@ -1280,14 +1280,14 @@ def _neighbour_median(values: np.ndarray, angles: np.ndarray, idx: np.ndarray, k
 
 def _weak_links(binned_tyx, angles: np.ndarray, nominal: np.ndarray, idx: np.ndarray, shifts: np.ndarray,
                 axis_deg: float, corr: _Correlator, *, radius_px: float, min_peak_ratio: float,
-                min_relative_correlation: float) -> dict[int, str]:
+                min_relative_correlation: tuple[float, float]) -> dict[int, str]:
     """Tilts placed through a weak neighbour link: ``{tilt: reason}``.
 
     Each of the tilts ``idx`` (but the one nearest 0°) is correlated with its neighbour
     towards 0° in ``idx``, stretched to its view and moved by its shift; walking outwards
-    on each side, the first link with peak ratio below ``min_peak_ratio`` and correlation
-    below ``min_relative_correlation`` times the median link's, and all tilts beyond it,
-    are returned.
+    on each side, the first weak link (correlation below ``min_relative_correlation[0]``
+    times the median link's, or below ``min_relative_correlation[1]`` times it with a peak
+    ratio below ``min_peak_ratio``), and all tilts beyond it, are returned.
     """
     start = int(idx[np.argmin(np.abs(nominal[idx]))])
     outward = [idx[idx < start][::-1], idx[idx > start]]
@@ -1300,7 +1300,8 @@ def _weak_links(binned_tyx, angles: np.ndarray, nominal: np.ndarray, idx: np.nda
     _, c, r = corr.match(corr.prepare(binned_tyx[tilts]), corr.prepare(refs), centres_yx=shifts[tilts],
                          radii_px=radius_px)
     typical = float(np.median(c))
-    weak = (r < min_peak_ratio) & (c < min_relative_correlation * typical)
+    low, marginal = min_relative_correlation
+    weak = (c < low * typical) | ((r < min_peak_ratio) & (c < marginal * typical))
     out: dict[int, str] = {}
     for side in outward:
         k = np.flatnonzero(weak[np.isin(tilts, side)])
@@ -1339,7 +1340,7 @@ def align_tilt_series(
     ice_mean_free_path_angstrom: float = 3500.0,
     max_centring_uncertainty_angstrom: float = 50.0,
     min_link_peak_ratio: float = 1.5,
-    min_link_relative_correlation: float = 0.75,
+    min_link_relative_correlation: tuple[float, float] = (0.55, 0.75),
 ) -> TiltSeriesAlignment:
     """Align a tilt-series without fiducials (see the module docstring for the steps).
 
@@ -1398,11 +1399,12 @@ def align_tilt_series(
     min_link_peak_ratio, min_link_relative_correlation
         Without gold (the mid-plane not found from gold beads), nothing but its
         neighbours places a tilt across the axis: each kept tilt is correlated once more
-        with its aligned neighbour towards 0°, and a link whose peak ratio is below
-        ``min_link_peak_ratio`` *and* whose correlation is below
-        ``min_link_relative_correlation`` times the median link's is weak. That tilt and
-        every tilt beyond it (placed through it) are reported as ``"alignment failed
-        (...)"`` and excluded.
+        with its aligned neighbour towards 0°. With ``min_link_relative_correlation =
+        (a, b)``, a link whose correlation is below ``a`` times the median link's, or below
+        ``b`` times it with a peak ratio below ``min_link_peak_ratio``, is weak (a clear
+        peak with a low correlation is often another structure). That tilt and every tilt
+        beyond it (placed through it) are reported as ``"alignment failed (...)"`` and
+        excluded.
 
     Returns
     -------
