@@ -1,7 +1,8 @@
 """Tilt-series benchmark: alignment (tomodask vs torch-tiltxcorr / torch-refine-tilt-axis-angle)
 and, when ``benchmarks/tilt_series_reconstruct.py`` is present, reconstruction.
 
-Run ``python benchmarks/tilt_series.py [--quick] [--json OUT.json]``.
+Run ``python benchmarks/tilt_series.py [--quick] [--json OUT.json] [--cases nogold,... --seeds 0,1]``
+(reconstruction rows only when every case runs).
 
 Alignment cases (simulated with the simulator's defaults: shift spread 2 % of the field +
 0.1 %/degree, 1500 Å of ice with gold on its surfaces, true axis 85°):
@@ -82,15 +83,37 @@ def errors_px(shifts_px, truth_px, angles_deg, use) -> tuple[np.ndarray, np.ndar
     return np.hypot(d[:, 0], d[:, 1]), gauge_free
 
 
-def align_rows(*, quick: bool) -> list[dict]:
+def far_tilts(res, shifts_b, truth_b, angles_deg) -> dict:
+    """How many aligned tilts (kept or excluded by alignment) are more than 2 px off, with
+    the common offset (and the height term) fitted on the kept tilts; how many of those
+    were excluded."""
+    aligned = np.isfinite(shifts_b[:, 0])
+    keep = ~res.excluded
+    d = shifts_b - truth_b
+    a = np.deg2rad(TRUE_AXIS)
+    design = np.zeros((len(d), 2, 3))
+    design[:, 0, 0] = design[:, 1, 1] = 1.0
+    design[:, :, 2] = np.sin(np.deg2rad(angles_deg))[:, None] * np.array([np.sin(a), np.cos(a)])
+    out = {}
+    for tag, cols in (("offset", 2), ("gauge_free", 3)):
+        coef, *_ = np.linalg.lstsq(design[keep, :, :cols].reshape(-1, cols), d[keep].ravel(), rcond=None)
+        r = d - design[:, :, :cols] @ coef
+        far = aligned & (np.hypot(r[:, 0], r[:, 1]) > 2.0)
+        out[f"n_far_{tag}"] = int(far.sum())
+        out[f"n_far_{tag}_excluded"] = int((far & res.excluded).sum())
+    return out
+
+
+def align_rows(*, quick: bool, cases: tuple[str, ...] = tuple(CASES), seeds: tuple[int, ...] | None = None) -> list[dict]:
     import torch
     from torch_refine_tilt_axis_angle import refine_tilt_axis_angle
     from torch_tiltxcorr import tiltxcorr
 
     torch.set_num_threads(2)
-    seeds = (0,) if quick else (0, 1, 2, 3)
+    seeds = seeds or ((0,) if quick else (0, 1, 2, 3))
     rows = []
-    for case, cfg in CASES.items():
+    for case in cases:
+        cfg = CASES[case]
         for seed in seeds:
             ts = simulate_tilt_series(seed, tilt_axis_angle_deg=TRUE_AXIS, **cfg["spec"])
             px = ts.spec.pixel_size_angstrom
@@ -117,7 +140,9 @@ def align_rows(*, quick: bool) -> list[dict]:
                                                                            ts.tilt_angles_deg, use, px),
                              midplane_sigma_angstrom=res.specimen_z_uncertainty_angstrom,
                              centring=res.centring_method, centring_warning=res.centring_warning,
-                             n_tilts_used=int(use.sum()), n_tilts=len(angles)))
+                             n_tilts_used=int(use.sum()), n_tilts=len(angles),
+                             **far_tilts(res, (res.shifts_px + (bin_factor - 1) / 2) / bin_factor, truth_b,
+                                         ts.tilt_angles_deg)))
 
             rel = ts.images / ts.images.mean(axis=(1, 2), keepdims=True) - 1.0
             binned = fourier_crop(rel, (n_b, n_b))
@@ -145,24 +170,40 @@ def align_rows(*, quick: bool) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one seed per case")
-    parser.add_argument("--json", type=Path, help="write the rows here")
-    args = parser.parse_args(argv)
-    rows = align_rows(quick=args.quick)
+def _reconstruction_rows(*, quick: bool) -> list[dict]:
+    """Rows of ``benchmarks/tilt_series_reconstruct.py`` when it is present."""
     try:
         from tilt_series_reconstruct import reconstruct_rows
     except ImportError as exc:
         if getattr(exc, "name", None) != "tilt_series_reconstruct":
             raise
         print("reconstruction rows are absent (benchmarks/tilt_series_reconstruct.py not found)")
+        return []
+    return reconstruct_rows(quick=quick)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one seed per case")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: 0 with --quick, else 0-3)")
+    args = parser.parse_args(argv)
+    cases = tuple(args.cases.split(","))
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown cases {unknown}; choose from {', '.join(CASES)}")
+    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
+    rows = align_rows(quick=args.quick, cases=cases, seeds=seeds)
+    if set(cases) != set(CASES):
+        print("reconstruction rows left out (not every alignment case ran)")
     else:
-        rows += reconstruct_rows(quick=args.quick)
+        rows += _reconstruction_rows(quick=args.quick)
     align = [r for r in rows if r.get("step") == "align"]
     print_table(align, ["tool", "case", "seconds", "cpu_seconds", "offset_err_max_px", "offset_err_median_px",
                         "gauge_free_err_max_px", "gauge_free_err_median_px", "tilt_axis_error_deg",
-                        "tilt_angle_offset_deg", "midplane_err_angstrom", "midplane_sigma_angstrom", "n_tilts_used"])
+                        "tilt_angle_offset_deg", "midplane_err_angstrom", "midplane_sigma_angstrom", "n_tilts_used",
+                        "n_far_offset", "n_far_offset_excluded", "n_far_gauge_free", "n_far_gauge_free_excluded"])
     for case in sorted({r["case"] for r in align}):
         ours = next(r for r in align if r["case"] == case and r["tool"] == "tomodask")
         for r in align:

@@ -204,6 +204,40 @@ def test_no_gold_centred_on_the_structure_with_its_uncertainty(no_gold):
     assert abs(res.tilt_axis_angle_deg - TRUE_AXIS_DEG) < 0.3
 
 
+def gauge_free_error_px(res: TiltSeriesAlignment, ts) -> np.ndarray:
+    """Per-tilt error at the alignment pixel size (NaN for tilts excluded before alignment)
+    after removing the common offset and the ``z0 sin(theta)`` height term fitted on the
+    kept tilts: what the projections fix, for kept and alignment-failed tilts alike."""
+    d = (res.shifts_px - ts.shifts_px) * res.pixel_size_angstrom / res.alignment_pixel_size_angstrom
+    a = np.deg2rad(TRUE_AXIS_DEG)
+    design = np.zeros((len(d), 2, 3))
+    design[:, 0, 0] = design[:, 1, 1] = 1.0
+    design[:, :, 2] = np.sin(np.deg2rad(ts.tilt_angles_deg))[:, None] * np.array([np.sin(a), np.cos(a)])
+    keep = ~res.excluded
+    coef, *_ = np.linalg.lstsq(design[keep].reshape(-1, 3), d[keep].ravel(), rcond=None)
+    r = d - design @ coef
+    return np.hypot(r[:, 0], r[:, 1])
+
+
+def test_no_gold_far_tilts_are_not_kept_silently(no_gold):
+    # Without gold only neighbour correlations place a thick specimen's high tilts across
+    # the axis; seed 0 has runs at both ends 6-7 px off that the chain, the feature model
+    # and leave-one-out matching all accept. They must be excluded with a reason.
+    ts, res = no_gold
+    err = gauge_free_error_px(res, ts)
+    aligned = np.isfinite(err)
+    far = aligned & (err > 2.0)
+    assert far.sum() >= 6
+    assert np.all(res.excluded[aligned & (err > 5.0)])
+    assert res.excluded[far].mean() >= 0.7
+    flagged = np.flatnonzero(far & res.excluded)
+    assert all(res.exclusion_reason[i].startswith("alignment failed (not placed reliably") for i in flagged)
+    # what is kept (seed 0: 34 of 41; 4.5 px at +54 degrees is the one far tilt left)
+    kept = ~res.excluded
+    assert kept.sum() >= 30
+    assert err[kept].max() < 5.0 and np.median(err[kept]) < 0.7
+
+
 def test_specimen_slab_not_found_is_reported():
     # Noise only: no slab of structure, so no mid-plane (and no guess).
     vol = np.random.default_rng(0).normal(0.0, 1.0, (96, 48, 48)).astype(np.float32)
