@@ -19,6 +19,8 @@ Alignment cases (simulated with the simulator's defaults: shift spread 2 % of th
     the tiny preset with a 5° pre-tilt (seed 0: gold on one surface only).
 ``nogold``
     ``default`` without gold beads (particles and a vesicle only).
+``tiny_nogold``
+    the tiny preset without gold beads.
 
 Errors at the alignment pixel size, per tilt, max and median over the tilts each tool kept:
 ``offset_err`` after removing only a common offset (what a reconstruction centred on the
@@ -63,6 +65,8 @@ CASES = {
     "tiny_pretilt5": dict(spec={**SIZE_PRESETS["tiny"], "tilt_step_deg": 8.0, "dark_tilt_acquisition_indices": (13,),
                                 "tilt_angle_offset_deg": 5.0}, nominal_axis=87.0, align_px=7.5),
     "nogold": dict(spec=dict(shape_yx=(256, 256), pixel_size_angstrom=6.0, n_gold=0), nominal_axis=88.0, align_px=12.0),
+    "tiny_nogold": dict(spec={**SIZE_PRESETS["tiny"], "tilt_step_deg": 8.0, "dark_tilt_acquisition_indices": (13,),
+                              "n_gold": 0}, nominal_axis=87.0, align_px=7.5),
 }
 
 
