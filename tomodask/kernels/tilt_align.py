@@ -41,7 +41,10 @@ size (about 1/128 of the field of view):
    zero displacement (the field the operator chose).
 7. **Residuals and failure detection.** Leave-one-out reprojections give each tilt's
    correlation (and judge the tilts placed in step 4); ``residual_px`` is each tilt's
-   distance from the 3D-feature model after the final pass.
+   distance from the 3D-feature model after the final pass. Without gold, each tilt's
+   link to its neighbour towards 0° is checked once more: a weak one (low correlation, or
+   a marginal one with an ambiguous peak) excludes that tilt and all beyond it, which
+   were placed through it and which nothing else constrains across the axis.
 
 Shifts follow :mod:`tomodask.kernels.geometry`: *displacements* ``(dy, dx)`` of each
 image's content, in input pixels. :func:`apply_alignment` undoes them and rotates the
