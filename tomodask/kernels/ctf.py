@@ -91,6 +91,13 @@ N_ENVELOPE_KNOTS = 2
 N_SMOOTH_KNOTS = 4
 #: Envelope B-factors (Å²) of the ring models tried in the 1D search.
 ENVELOPE_BFACTORS_ANGSTROM2 = (0.0, 150.0, 400.0, 1000.0, 2500.0, 6000.0)
+#: Local maxima of the 1D search carried into an isotropic 2D fit, where the number of
+#: Thon-ring periods each matches decides between them: on dose-damaged tilts with rings
+#: only to ~20 Å the rotational average preferred a wrong 8.6k Å peak (no ring matched)
+#: for a 30k Å truth (1.4 periods matched).
+N_1D_CANDIDATES = 3
+#: Ring periods matched by two 1D candidates that count as equal (the 1D order decides).
+RING_COUNT_TIE = 0.5
 #: Largest number of candidate-cell model values evaluated at once (memory bound).
 MAX_BATCH_ELEMENTS = 4_000_000
 
@@ -309,7 +316,7 @@ def estimate_ctf(
 
     # 3. 1D search over defocus (and phase)
     lam = electron_wavelength_angstrom(voltage_kv)
-    mean0, phase0 = _search_1d(
+    candidates = _search_1d(
         cells,
         optics,
         strip_offsets,
@@ -319,15 +326,24 @@ def estimate_ctf(
         lam=lam,
     )
 
-    # 4. background and envelope for that defocus
-    params = np.array([mean0, 0.0, 0.0, phase0])
-    model = _cell_model(cells, optics, delta, params)
-    background, contrast = _fit_background(cells, model)
+    # 4. for each 1D candidate: background and envelope, isotropic 2D refinement; the one
+    # whose model matches the most Thon-ring periods (up to its fit resolution) wins, the
+    # 1D order deciding ties; the winner continues from its 1D values
+    best_rings = -np.inf
+    for mean0, phase0 in candidates:
+        start = np.array([mean0, 0.0, 0.0, phase0])
+        background, contrast = _fit_background(cells, _cell_model(cells, optics, delta, start))
+        steps = np.array([40.0, 0.0, 0.0, 10.0 if fit_phase_shift else 0.0])
+        cand, _ = _pattern_search(cells, optics, delta, background, contrast, start, steps, 0.0)
+        freq, _, _, corr = _equiphase_profile(cells, optics, delta, background, contrast, cand, lam=lam, tile=tile, px=px)
+        k_fit = 1.0 / _fit_resolution(freq, corr, fit_resolution_threshold, k_hi)
+        rings = round(lam * cand[0] * (k_fit**2 - k_lo**2) / RING_COUNT_TIE)
+        if rings > best_rings:
+            params, best_rings = start, rings
+    background, contrast = _fit_background(cells, _cell_model(cells, optics, delta, params))
 
     # 5. astigmatism: exhaustive search on the sector table
-    params = _search_astigmatism(
-        cells, optics, delta, background, contrast, params, max_astigmatism_angstrom
-    )
+    params = _search_astigmatism(cells, optics, delta, background, contrast, params, max_astigmatism_angstrom)
 
     # 6. 2D refinement, background refit, polish
     steps = np.array([40.0, 40.0, 40.0, 10.0 if fit_phase_shift else 0.0])
@@ -607,8 +623,12 @@ def _search_1d(
     phases: np.ndarray,
     k_hi: float,
     lam: float,
-) -> tuple[float, float]:
-    """Exhaustive search of mean defocus (and phase) on the strips' rotational averages."""
+) -> list[tuple[float, float]]:
+    """Exhaustive search of mean defocus (and phase) on the strips' rotational averages.
+
+    Returns the (defocus, phase) of the :data:`N_1D_CANDIDATES` best local maxima at least
+    10% of defocus apart, best first, each refined on a finer grid.
+    """
     xp = get_array_module(cells.spectrum)
     n_r = cells.n_rbins
     wsum = _group_sum(cells.weight, cells.rbin, n_r)  # (S, n_r)
@@ -646,13 +666,26 @@ def _search_1d(
     step = max(step, (hi - lo) / 2000.0)
     grid = np.arange(lo, hi + 0.5 * step, step)
     table = scores(grid, phases)
-    i, j = np.unravel_index(int(np.argmax(table)), table.shape)
-    fine = grid[i] + np.linspace(-step, step, 21)
-    fine = fine[fine >= 0]
-    phase_fine = phases if len(phases) == 1 else phases[j] + np.linspace(-10.0, 10.0, 11)
-    table = scores(fine, phase_fine)
-    i, j = np.unravel_index(int(np.argmax(table)), table.shape)
-    return float(fine[i]), float(phase_fine[j] % 180.0)
+    best = table.max(axis=1)
+    # local maxima over defocus, best first, at least 10% of defocus apart
+    peaks = [i for i in np.argsort(best)[::-1]
+             if (i == 0 or best[i] >= best[i - 1]) and (i == len(best) - 1 or best[i] >= best[i + 1])]
+    chosen: list[int] = []
+    for i in peaks:
+        if all(abs(grid[i] - grid[c]) > 0.1 * max(grid[c], grid[i]) for c in chosen):
+            chosen.append(i)
+        if len(chosen) == N_1D_CANDIDATES:
+            break
+    out = []
+    for i in chosen:
+        j = int(np.argmax(table[i]))
+        fine = grid[i] + np.linspace(-step, step, 21)
+        fine = fine[fine >= 0]
+        phase_fine = phases if len(phases) == 1 else phases[j] + np.linspace(-10.0, 10.0, 11)
+        fine_table = scores(fine, phase_fine)
+        a, b = np.unravel_index(int(np.argmax(fine_table)), fine_table.shape)
+        out.append((float(fine[a]), float(phase_fine[b] % 180.0)))
+    return out
 
 
 # ----------------------------------------------------------------------------- 2D fitting
