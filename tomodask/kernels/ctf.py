@@ -24,7 +24,11 @@ The steps:
    are not absorbed by the background), and correlated at every candidate defocus (and
    phase shift) of the search range, the strips jointly with their offsets; each model
    is tried with a family of ring envelopes so that noise beyond the visible rings does
-   not swamp the score. A finer search around the best candidate follows.
+   not swamp the score. A finer search around each of the three best local maxima
+   follows; each gets an isotropic 2D refinement (step 6 without astigmatism) and the one
+   whose model matches the most Thon-ring periods up to its fit resolution (step 7) is
+   kept, the 1D order breaking ties: on dose-damaged tilts with rings only to ~20 Å the
+   rotational average can prefer a wrong, far lower defocus that matches no ring.
 4. **Background and envelope.** With that defocus, the cell spectra are fitted as
    ``B(k) + E(k) CTF²`` with stiff cubic splines ``B`` (in k) and ``E`` (in k²), by
    linear least squares; too flexible a ``B`` would absorb broad first rings. The
