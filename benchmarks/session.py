@@ -123,11 +123,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny tilt-series (seconds); otherwise 'small' ones")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--seconds-per-tilt", type=float, default=1.0, help="cadence of the tiny case (default 1 s)")
     args = ap.parse_args()
-    if args.quick:
-        cases = [("tiny", 2, 1.0, dict(tilt_step_deg=8.0))]
-    else:
-        cases = [("tiny", 2, 1.0, dict(tilt_step_deg=8.0)), ("small", 1, 5.0, {})]
+    cases = [("tiny", 2, args.seconds_per_tilt, dict(tilt_step_deg=8.0))]
+    if not args.quick:
+        cases.append(("small", 1, 5.0, {}))
     rows = []
     for size, n, cadence, fields in cases:
         r = run(size, n, cadence, fields)
