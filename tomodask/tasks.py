@@ -189,6 +189,7 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
     from tomodask.io.imod import write_alignment
     from tomodask.io.mrc import write_mrc
     from tomodask.io.omezarr import write_ome_zarr
+    from tomodask.kernels.ctf_series import consistent_series_defocus
     from tomodask.kernels.fourier import fourier_crop
     from tomodask.kernels.picking import overlay_picks, pick_particles
     from tomodask.kernels.reconstruct import reconstruct_tomogram
@@ -237,7 +238,10 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
     rec_stack, rec_px = fourier_crop(stack, shape), px * stack.shape[1] / shape[0]
     aligned = apply_alignment(rec_stack[use], shifts_px=shifts_full_px[use] * px / rec_px,
                               tilt_axis_angle_deg=al.tilt_axis_angle_deg)
-    defocus = np.array([m["defocus_angstrom"] for m in movies])[use] if rec.ctf_phase_flip else None
+    estimated = np.array([m["defocus_angstrom"] for m in movies], dtype=float)
+    series_defocus = consistent_series_defocus(estimated if np.isfinite(estimated).any() else np.zeros_like(estimated),
+                                               angles)
+    defocus = series_defocus.defocus_angstrom[use] if rec.ctf_phase_flip and np.isfinite(estimated).any() else None
     dose = (np.array([m["prior_dose_e_per_angstrom2"] + m["dose_e_per_angstrom2"] / 2 for m in movies])[use]
             if rec.dose_weighting else None)
     thickness_px = int(round(rec.thickness_angstrom / rec_px)) // 2 * 2
@@ -303,6 +307,8 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
         "pick_threshold": None if picks is None else float(picks.threshold_used),
         "picks_xyz_angstrom": [] if picks is None else np.asarray(picks.coordinates_xyz_angstrom).tolist(),
         "mean_defocus_angstrom": float(np.mean([m["defocus_angstrom"] for m in movies])),
+        "ctf_defocus_replaced": [bool(r) for r in series_defocus.replaced],
+        "ctf_reference_defocus_angstrom": series_defocus.reference_defocus_angstrom,
         "seconds_alignment": t_align - t0,
         "seconds_reconstruction": t_rec - t_align,
         "seconds_picking": t_pick - t_rec,
