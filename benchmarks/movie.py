@@ -6,13 +6,15 @@ tilted specimens, several pixels of decaying drift plus jitter, Poisson counts, 
 dead/hot pixels). Every tool gets the same gain-corrected frames with defects replaced
 (:mod:`tomodask.kernels.gain`). The score is the RMS over frames (and movies of a case) of
 the error of the zero-mean global frame displacements against the simulator's truth
-``truth.frame_shifts_px``; seconds are the median wall time per movie.
+``truth.frame_shifts_px``; seconds are the median wall time per movie, or with ``--cpu-time``
+the median single-threaded CPU time (below).
 
 Tools
     tomodask: :func:`tomodask.kernels.motion.align_frames` with its defaults (B = 150 Å²,
-    5 x 5 patches for local motion), without local motion (``patches_yx=None``, the
-    counterpart of the peer's global and patch modes) and with B = 500 Å² (the session
-    settings' default);
+    at most 5 x 5 patches of at least 192 px for local motion: 4 x 4 at 512²), without local motion (``patches_yx=None``, the
+    counterpart of the peer's global and patch modes), with B = 500 Å² (MotionCor2's global
+    value) and with 5 x 5 patches whatever the frame size (``min_patch_px=1``, the default
+    before patches had a smallest size);
     its time includes the aligned, even/odd and dose-weighted sums. numpy's BLAS runs
     single-threaded as in a Dask worker; FFTs use all cores (``scipy.fft.set_workers``),
     as torch does by default.
@@ -28,6 +30,14 @@ Tools
 Run::
 
     python benchmarks/movie.py [--quick] [--json OUT.json] [--skip-peers] [--skip-ctf] [--case TEXT] [--tools TEXT]
+                               [--cpu-time] [--repeats N]
+
+``--cpu-time`` measures CPU seconds instead of wall seconds, independent of the machine's load:
+every tool runs single-threaded (torch 1 thread, scipy.fft 1 worker, numpy's BLAS 1 thread through
+threadpoolctl when installed, else the environment variables set before numpy loads), each movie
+``--repeats`` times (default 3), tools interleaved, and ``time.process_time`` is taken; the
+median per movie, then over the case's movies, is reported. The load average is printed and
+stored in the JSON.
 
 ``--quick`` runs the 512² and 1024² cases; without it the full detector sizes are added
 (4096² x 40 frames and 5760 x 4092 x 10 frames: minutes to simulate (~4 min and 2 GB for the
@@ -40,9 +50,11 @@ Install the peer with ``pip install torch==2.13.0`` first, then
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +70,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, as a script or imported
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tomodask from the checkout
 
-from _common import add_ratios, benchmark_parser, print_table, timed, write_json  # noqa: E402
+from _common import add_ratios, benchmark_parser, print_table, write_json  # noqa: E402
 
 from tomodask.kernels.gain import apply_gain, find_defect_pixels, replace_defect_pixels  # noqa: E402
 from tomodask.kernels.motion import align_frames  # noqa: E402
@@ -182,12 +194,23 @@ def peer_tools() -> dict[str, Callable[[Movie], np.ndarray]]:
 # ---------------------------------------------------------------------------------------
 
 
+def _blas_single_thread():
+    """numpy's BLAS limited to one thread (threadpoolctl when installed; else the variables set above)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1)
+
+
 def motion_rows(*, quick: bool, peers: bool = True, only: str | None = None,
-                tools_only: list[str] | None = None) -> list[dict]:
+                tools_only: list[str] | None = None, cpu_time: bool = False, repeats: int = 1) -> list[dict]:
     """Align every case's movies with every tool; one row per (tool, case).
 
     ``only`` keeps the cases whose name contains it (e.g. ``"5760"``); ``tools_only`` keeps
     the tools whose name contains one of its texts (e.g. ``["tomodask", "global"]``).
+    ``cpu_time`` times single-threaded CPU seconds (``time.process_time``) instead of wall
+    seconds; every movie runs ``repeats`` times, the tools interleaved, and the median is kept.
     """
     import scipy.fft
 
@@ -195,34 +218,47 @@ def motion_rows(*, quick: bool, peers: bool = True, only: str | None = None,
         "tomodask": tomodask_tool(),
         "tomodask global only": tomodask_tool(patches_yx=None),
         "tomodask B=500": tomodask_tool(bfactor_angstrom2=500.0),
+        "tomodask 5x5 patches at any size": tomodask_tool(min_patch_px=1),
     }
     if peers:
         tools.update(peer_tools())
+        if cpu_time:
+            import torch
+
+            torch.set_num_threads(1)
     if tools_only:
         tools = {name: fn for name, fn in tools.items() if any(text in name for text in tools_only)}
     cases = [c for c in CASES if (c.quick or not quick) and (only is None or only in c.name)]
+    clock = time.process_time if cpu_time else time.perf_counter
+    # wall time: the same cores torch uses by default; CPU time: one thread for every tool
+    workers = 1 if cpu_time else os.cpu_count() or 1
     warm = simulate(Case("warm-up", (512, 512), 0.0, seeds=(99,)), 99)
-    with scipy.fft.set_workers(os.cpu_count() or 1):  # the same cores torch uses by default
+    with scipy.fft.set_workers(workers), _blas_single_thread():
         for fn in tools.values():
             fn(warm)
         rows = []
         for case in cases:
             movies = [simulate(case, seed) for seed in case.seeds]
-            for tool, fn in tools.items():
-                seconds, sq = [], []
-                for movie in movies:
-                    shifts, elapsed = timed(fn, movie)
-                    seconds.append(elapsed)
-                    sq.append(((np.asarray(shifts) - movie.truth_shifts_px) ** 2).sum(axis=1))
+            seconds = {tool: [[] for _ in movies] for tool in tools}
+            shifts = {}
+            for _ in range(max(1, repeats)):
+                for m, movie in enumerate(movies):
+                    for tool, fn in tools.items():
+                        start = clock()
+                        shifts[tool, m] = np.asarray(fn(movie))
+                        seconds[tool][m].append(clock() - start)
+            for tool in tools:
+                sq = [((shifts[tool, m] - movie.truth_shifts_px) ** 2).sum(axis=1) for m, movie in enumerate(movies)]
                 rows.append({
                     "tool": tool, "step": "motion", "case": case.name,
-                    "seconds": statistics.median(seconds),
+                    "seconds": statistics.median(statistics.median(s) for s in seconds[tool]),
+                    "clock": "cpu, 1 thread" if cpu_time else "wall", "repeats": max(1, repeats),
                     "shift_rmse_px": float(np.sqrt(np.mean(np.concatenate(sq)))),
                     "shift_rmse_px_per_movie": [round(float(np.sqrt(e.mean())), 4) for e in sq],
                     "n_movies": len(movies), "n_frames": case.n_frames,
                     "shape_yx": list(case.shape_yx),
                 })
-                print(f"  {case.name}: {tool} {rows[-1]['seconds']:.2f} s, "
+                print(f"  {case.name}: {tool} {rows[-1]['seconds']:.3f} s, "
                       f"RMSE {rows[-1]['shift_rmse_px']:.3f} px", flush=True)
     return rows
 
@@ -251,11 +287,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tools", default=None,
                         help="comma-separated texts: only the tools whose name contains one of them "
                              "(e.g. 'tomodask,global,xc patches' leaves out the peer's local optimizer)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="single-threaded CPU seconds (time.process_time) instead of wall seconds")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs of every movie, tools interleaved; the median is kept (default 3 with "
+                             "--cpu-time, else 1)")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()
+    print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}", flush=True)
     rows = motion_rows(quick=args.quick, peers=not args.skip_peers, only=args.case,
-                       tools_only=args.tools.split(",") if args.tools else None)
+                       tools_only=args.tools.split(",") if args.tools else None, cpu_time=args.cpu_time,
+                       repeats=args.repeats if args.repeats is not None else 3 if args.cpu_time else 1)
+    load_after = os.getloadavg()
+    clock = "single-thread CPU seconds" if args.cpu_time else "wall seconds"
     print_table(add_ratios(rows, metrics=("seconds", "shift_rmse_px"), group_by=("step", "case")), MOTION_COLUMNS,
-                title="Motion (ratios: row / tomodask; > 1 means slower or less accurate than tomodask)")
+                title=f"Motion, {clock} (ratios: row / tomodask; > 1 means slower or less accurate than tomodask)")
+    print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     if not args.skip_ctf:
         ctf = ctf_rows_if_present(quick=args.quick)
         if ctf:
@@ -265,7 +312,8 @@ def main(argv: list[str] | None = None) -> None:
                                    group_by=("step", "case")), columns, title="CTF")
         rows += ctf
     if args.json is not None:
-        write_json(args.json, "movie", rows)
+        write_json(args.json, "movie", rows, extra={"load_average_before": load_before, "load_average_after": load_after,
+                                                    "clock": clock})
 
 
 if __name__ == "__main__":

@@ -188,7 +188,11 @@ class FrameAlignmentSettings(_Model):
         default=None, description="Fourier-crop aligned sums to this pixel size; None keeps the raw one."
     )
     bfactor_angstrom2: Annotated[float, Field(ge=0.0)] = 150.0
-    patches_yx: tuple[Annotated[int, Field(ge=1, le=20)], Annotated[int, Field(ge=1, le=20)]] | None = (5, 5)
+    patches_yx: tuple[Annotated[int, Field(ge=1, le=20)], Annotated[int, Field(ge=1, le=20)]] | None = Field(
+        default=(5, 5), description="Largest local-motion patch grid (y, x); fewer patches are used where they "
+        "would be smaller than 192 px (tomodask.kernels.motion.MIN_PATCH_PX): 4 x 4 on 512² frames. None: "
+        "global drift only."
+    )
     max_iterations: Annotated[int, Field(ge=1, le=50)] = 10
     dose_weighting: bool = True
     eer_frames_per_fraction: Annotated[int, Field(ge=1, le=10000)] = Field(

@@ -47,8 +47,10 @@ def test_drift_of_simulated_tilt_movies_is_recovered(case):
     assert al.quality == "good" and al.quality_reason == ""
     assert al.converged and al.cc_peak_snr > 8
     assert not al.local_motion_applied  # the simulator has global drift only
-    np.testing.assert_allclose(al.local_shifts_px, np.broadcast_to(al.shifts_px[:, None, None], (10, 5, 5, 2)))
-    assert al.patch_shifts_px.shape == (10, 5, 5, 2) and al.patch_centers_yx_px.shape == (5, 5, 2)
+    # 5 x 5 patches asked for; on 512² frames patches of at least MIN_PATCH_PX (192) px leave a 4 x 4 grid
+    assert al.extra["patch_grid_yx"] == (4, 4)
+    np.testing.assert_allclose(al.local_shifts_px, np.broadcast_to(al.shifts_px[:, None, None], (10, 4, 4, 2)))
+    assert al.patch_shifts_px.shape == (10, 4, 4, 2) and al.patch_centers_yx_px.shape == (4, 4, 2)
     # motion metrics describe the true path
     true_total, _, _ = motion_metrics(truth)
     assert al.total_motion_px == pytest.approx(true_total, rel=0.15)
@@ -116,20 +118,54 @@ def _local_motion_movie(seed: int, amplitude_px: float, dose: float):
     return frames.astype(np.float32), disp, tilt
 
 
+def _patch_centre_errors(al: FrameAlignment, disp: np.ndarray) -> tuple[float, float]:
+    """RMS error at the patch centres of the local shifts and of the global drift alone."""
+    c = np.rint(al.patch_centers_yx_px).astype(int)
+    truth = disp[:, c[..., 0], c[..., 1], :]
+    truth = truth - truth.mean(axis=0)
+    return _rmse(al.local_shifts_px, truth), _rmse(al.shifts_px[:, None, None, :], truth)
+
+
+def _sum_mse(al: FrameAlignment, tilt) -> float:
+    crop = (slice(24, -24), slice(24, -24))
+    return float(np.mean((al.aligned_sum - tilt.noiseless)[crop] ** 2))
+
+
 def test_local_motion_is_fitted_and_applied():
     frames, disp, tilt = _local_motion_movie(seed=3, amplitude_px=4.0, dose=10.0)
     local = align_frames(frames, pixel_size_angstrom=1.5, dose_per_frame_e_per_angstrom2=1.0, patches_yx=(4, 4))
     glob = align_frames(frames, pixel_size_angstrom=1.5, dose_per_frame_e_per_angstrom2=1.0, patches_yx=None)
     assert local.local_motion_applied
-    c = np.rint(local.patch_centers_yx_px).astype(int)
-    truth = disp[:, c[..., 0], c[..., 1], :]
-    truth = truth - truth.mean(axis=0)
-    err_local = _rmse(local.local_shifts_px, truth)
-    err_global = _rmse(local.shifts_px[:, None, None, :], truth)
+    err_local, err_global = _patch_centre_errors(local, disp)
     assert err_local < 0.3 < err_global, (err_local, err_global)
-    crop = (slice(24, -24), slice(24, -24))
-    mse = [np.mean((a.aligned_sum - tilt.noiseless)[crop] ** 2) for a in (local, glob)]
-    assert mse[0] < mse[1]  # the tiled local correction gives a sharper sum than drift alone
+    assert _sum_mse(local, tilt) < _sum_mse(glob, tilt)  # the tiled local correction gives a sharper sum than drift alone
+
+
+def test_adaptive_patch_grid_recovers_local_motion():
+    # 5 x 5 patches asked for on 384² frames would be ~115 px; patches of at least 192 px leave a 3 x 3 grid,
+    # which still recovers 3 px of local motion (patch-centre RMS error 0.145 px; 5 x 5 gave 0.180 px)
+    frames, disp, tilt = _local_motion_movie(seed=5, amplitude_px=3.0, dose=10.0)
+    al = align_frames(frames, pixel_size_angstrom=1.5, dose_per_frame_e_per_angstrom2=1.0)
+    glob = align_frames(frames, pixel_size_angstrom=1.5, dose_per_frame_e_per_angstrom2=1.0, patches_yx=None)
+    assert al.extra["patch_grid_yx"] == (3, 3) and al.local_shifts_px.shape == (10, 3, 3, 2)
+    assert al.local_motion_applied
+    err_local, err_global = _patch_centre_errors(al, disp)
+    assert err_local < 0.2 and err_local < 0.6 * err_global, (err_local, err_global)
+    assert _sum_mse(al, tilt) < _sum_mse(glob, tilt)
+
+
+def test_patch_grid_follows_the_smallest_patch_size():
+    frames = np.random.default_rng(2).poisson(2.0, size=(4, 96, 400)).astype(np.float32)
+    kw = dict(pixel_size_angstrom=1.0, dose_per_frame_e_per_angstrom2=2.0)
+    # patches are 1.5 grid spacings: y 96 * 1.5 / 64 -> 2 patches, x 400 * 1.5 / 64 -> 9, capped at 5
+    al = align_frames(frames, min_patch_px=64, **kw)
+    assert al.extra["patch_grid_yx"] == (2, 5) and al.patch_shifts_px.shape == (4, 2, 5, 2)
+    assert align_frames(frames, patches_yx=(3, 3), min_patch_px=64, **kw).extra["patch_grid_yx"] == (2, 3)
+    # 96² frames hold a single patch of the default 192 px: no local motion is measured
+    al = align_frames(frames[:, :, :96], **kw)
+    assert al.extra["patch_grid_yx"] is None and al.local_shifts_px is None and al.patch_centers_yx_px is None
+    with pytest.raises(ValueError, match="min_patch_px"):
+        align_frames(frames, min_patch_px=0, **kw)
 
 
 def test_no_local_motion_is_applied_to_noise():
