@@ -73,6 +73,11 @@ _SEARCH_DIV = 24.0
 #: 4 x 4 grids (~190 px patches) recovered the field as well (RMS error 0.30 / 0.24 px against
 #: 0.29 / 0.25 px over 6 movies each), 3 x 3 grids (~250 px) 12 % worse.
 MIN_PATCH_PX = 192
+#: Patch alignment stops when this fraction of the patch-frame shifts has settled: the last ones
+#: are noise-dominated patches whose Newton steps wander (they take up to 10 passes instead of 4-6;
+#: the robust fit weights them down). Measured on 18 simulated local-motion movies: field error
+#: and sums unchanged (within 1 %), 0.75 missed a 2 px field.
+_PATCH_SETTLED_FRACTION = 0.9
 
 
 @dataclass(frozen=True)
@@ -390,11 +395,14 @@ def _iterative_alignment(
     max_shift_px: float,
     coarse_first: bool,
     xp: ModuleType,
+    settled_fraction: float = 1.0,
 ) -> tuple[np.ndarray, int, bool, np.ndarray | None]:
     """Align ``(..., t, ky, kx)`` spectra, each frame against the sum of the others.
 
     Returns ``(..., t, 2)`` zero-mean displacements, iterations run, convergence flag and
-    (when ``coarse_first``) the first full-map pass's ``(..., t)`` peak SNR.
+    (when ``coarse_first``) the first full-map pass's ``(..., t)`` peak SNR. Iterations
+    stop when at least ``settled_fraction`` of the displacements moved by less than
+    ``tolerance_px``.
 
     Notes
     -----
@@ -443,7 +451,7 @@ def _iterative_alignment(
             moved, _ = _stencil_peak(_stencil_cc(q[bad] - power[bad], shape_yx, 2, xp), xp)
             step[bad] = moved
         shifts = _recentre(shifts + step * gain, max_shift_px, xp)
-        if float(xp.abs(step).max()) < tolerance_px:
+        if float((xp.abs(step).max(axis=-1) < tolerance_px).mean()) >= settled_fraction:
             converged = True
             break
     return shifts, it, converged, snr
@@ -988,7 +996,7 @@ def _local_motion(binned, shifts_b, factor, *, filt_bfactor_px2, grid_yx, overla
     rounded = shifts_b[None] - init
     local_b, _, _, _ = _iterative_alignment(
         spec, (ph, pw), filt, initial_shifts=init, max_iterations=max_iterations, tolerance_px=tolerance_px,
-        max_shift_px=0.1 * min(ph, pw) + 1.0, coarse_first=False, xp=xp)
+        max_shift_px=0.1 * min(ph, pw) + 1.0, coarse_first=False, xp=xp, settled_fraction=_PATCH_SETTLED_FRACTION)
     patch_b = rounded + to_numpy(local_b)  # (P, t, 2) patch displacement, binned px
     patch_b = patch_b - patch_b.mean(axis=1, keepdims=True)
     patch_px = np.transpose(patch_b, (1, 0, 2)) * factor  # (t, P, 2)
