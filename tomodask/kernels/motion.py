@@ -16,7 +16,8 @@ The algorithm follows MotionCor2 [1]_ (numpy or cupy, taken from the input):
    in one step. Iterations stop when no shift moves by more than ``tolerance_px``.
 2. **Local motion** (``patches_yx``). The frames, Fourier-binned ``patch_bin`` times
    coarser, are cut into overlapping, edge-tapered patches (pre-moved by the integer part
-   of the global drift), each patch aligned the same way. The grid is ``patches_yx`` at
+   of the global drift), each patch aligned the same way (passes stop once 90 % of the
+   patch-frame shifts have settled: the rest are noise-dominated patches). The grid is ``patches_yx`` at
    most, fewer where patches would be smaller than ``min_patch_px`` (as MotionCor2 users
    pick patches of a useful size rather than a fixed count). The patch shifts minus the
    global drift are fitted with MotionCor2's model, a polynomial in time (t, t², t³,
