@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tomodask from th
 from _common import print_table, timed, write_json  # noqa: E402
 
 from tomodask.kernels.ctf import estimate_ctf  # noqa: E402
+from tomodask.kernels.ctf_series import refine_series_ctf  # noqa: E402
 from tomodask.simulate import simulate_single_tilt  # noqa: E402
 from tomodask.simulate.microscope import dose_symmetric_order  # noqa: E402
 
@@ -91,13 +92,16 @@ def simulate(case: Case, seed: int, size: int) -> tuple[np.ndarray, float]:
     return image, 0.5 * (tilt.truth.defocus_u_angstrom + tilt.truth.defocus_v_angstrom)
 
 
+def ours_options(fit_range: tuple[float, float]) -> dict:
+    """tomodask's ``estimate_ctf`` options in this benchmark, except the tilt angle."""
+    return dict(pixel_size_angstrom=PIXEL_ANGSTROM, tilt_axis_angle_deg=AXIS_DEG,
+                defocus_search_range_angstrom=DEFOCUS_RANGE_ANGSTROM, tile_size_px=512,
+                resolution_range_angstrom=fit_range, **OPTICS)
+
+
 def ours(image: np.ndarray, tilt_deg: float, fit_range: tuple[float, float] = FIT_RANGE_ANGSTROM) -> tuple[float, float]:
     """tomodask's mean defocus at the image centre and astigmatism U - V (Å)."""
-    r = estimate_ctf(
-        image, pixel_size_angstrom=PIXEL_ANGSTROM, tilt_angle_deg=tilt_deg,
-        tilt_axis_angle_deg=AXIS_DEG, defocus_search_range_angstrom=DEFOCUS_RANGE_ANGSTROM,
-        tile_size_px=512, resolution_range_angstrom=fit_range, **OPTICS,
-    )
+    r = estimate_ctf(image, tilt_angle_deg=tilt_deg, **ours_options(fit_range))
     return r.defocus_angstrom, r.astigmatism_angstrom
 
 
@@ -235,14 +239,15 @@ def simulate_series(seed: int, *, size: int) -> list[tuple[np.ndarray, float, fl
 
     Each tilt is a gain-corrected 8-frame sum of :func:`simulate_single_tilt` at 3 e-/Å²
     with the exposure received before it in a dose-symmetric (Hagen, groups of 2) order
-    (radiation damage), the same specimen, and a defocus (30 µm ± 1.5 µm), astigmatism
-    (500-1500 Å) and astigmatism angle drawn per tilt from ``seed``.
+    (radiation damage), the same specimen, a defocus drawn per tilt (3 µm ± 0.15 µm), and
+    one astigmatism (500-1500 Å) and astigmatism angle for the whole series (the objective
+    lens' astigmatism does not change during the minutes of a tilt-series), all from ``seed``.
     """
     n = len(SERIES_TILTS_DEG)
     rng = np.random.default_rng(seed)
     defocus = 30000.0 + rng.normal(0.0, 1500.0, n)
-    astig = rng.uniform(500.0, 1500.0, n)
-    angle = rng.uniform(-90.0, 90.0, n)
+    astig = np.full(n, rng.uniform(500.0, 1500.0))
+    angle = np.full(n, rng.uniform(-90.0, 90.0))
     prior = np.empty(n)
     prior[dose_symmetric_order(SERIES_TILTS_DEG)] = 3.0 * np.arange(n)
     out = []
@@ -273,37 +278,73 @@ def series_rows(*, seed: int = 0, tools: tuple[str, ...] = tuple(TOOLS)) -> list
     Returns
     -------
     list of dict
-        ``tool``, ``step`` ("ctf_series"), ``case``, ``seconds`` (median per tilt),
+        One per tool, and for tomodask a second after :func:`refine_series_ctf`:
+        ``tool``, ``step`` ("ctf_series"), ``case``, ``seconds`` (median per tilt; for the
+        refinement row the mean per tilt of first fits plus refinement),
         ``defocus_bias_angstrom`` (mean signed error), ``defocus_error_angstrom_median``
         (median absolute error), ``defocus_error_angstrom_rms``, ``n_astigmatism_collapsed``
         (fits below :data:`COLLAPSED_ASTIGMATISM_ANGSTROM`, all truths being >= 500 Å),
         ``defocus_errors_angstrom``, ``astigmatism_fitted_angstrom``, ``n_images``.
     """
     tilts = simulate_series(seed, size=SERIES_SIZE_PX)
+    truths = [t[2] for t in tilts]
     rows = []
     for tool in tools:
+        if tool == "tomodask":
+            rows += _ours_series_rows(tilts)
+            continue
         fn = TOOLS[tool]
-        seconds, errors, astigs = [], [], []
-        for image, tilt_deg, truth, _ in tilts:
+        seconds, estimates, astigs = [], [], []
+        for image, tilt_deg, _, _ in tilts:
             (estimate, astig), elapsed = timed(fn, image, tilt_deg, SERIES_FIT_RANGE_ANGSTROM)
             seconds.append(elapsed)
-            errors.append(estimate - truth)
+            estimates.append(estimate)
             astigs.append(astig)
-        collapsed = sum(a < COLLAPSED_ASTIGMATISM_ANGSTROM and t[3] >= 500.0 for a, t in zip(astigs, tilts))
-        rows.append({
-            "tool": tool, "step": "ctf_series", "case": f"series41_{SERIES_SIZE_PX}px",
-            "seconds": statistics.median(seconds),
-            "defocus_bias_angstrom": float(np.mean(errors)),
-            "defocus_error_angstrom_median": statistics.median(abs(e) for e in errors),
-            "defocus_error_angstrom_rms": float(np.sqrt(np.mean(np.square(errors)))),
-            "n_astigmatism_collapsed": int(collapsed),
-            "n_gross_errors": int(sum(abs(e) > GROSS_ERROR_ANGSTROM for e in errors)),
-            "n_astigmatism_at_limit": int(sum(a >= 0.97 * SERIES_MAX_ASTIGMATISM_ANGSTROM for a in astigs)),
-            "defocus_errors_angstrom": [round(e, 1) for e in errors],
-            "astigmatism_fitted_angstrom": [round(a, 1) for a in astigs],
-            "n_images": len(tilts), "image_size_px": SERIES_SIZE_PX,
-        })
+        rows.append(_series_row(tool, statistics.median(seconds), estimates, astigs, truths))
     return rows
+
+
+def _ours_series_rows(tilts: list[tuple[np.ndarray, float, float, float]]) -> list[dict]:
+    """tomodask per tilt, and after :func:`refine_series_ctf` (its seconds spread over the tilts)."""
+    options = ours_options(SERIES_FIT_RANGE_ANGSTROM)
+    fits, seconds = [], []
+    for image, tilt_deg, _, _ in tilts:
+        fit, elapsed = timed(estimate_ctf, image, tilt_deg=tilt_deg, **options)
+        fits.append(fit)
+        seconds.append(elapsed)
+    truths = [t[2] for t in tilts]
+    row = _series_row("tomodask", statistics.median(seconds), [f.defocus_angstrom for f in fits],
+                      [f.astigmatism_angstrom for f in fits], truths)
+    refined, elapsed = timed(
+        refine_series_ctf, [t[0] for t in tilts], np.array([t[1] for t in tilts]),
+        *(np.array([getattr(f, name) for f in fits]) for name in
+          ("defocus_u_angstrom", "defocus_v_angstrom", "astigmatism_angle_deg", "fit_resolution_angstrom")),
+        estimate_options=options)
+    per_tilt = (sum(seconds) + elapsed) / len(tilts)
+    series = _series_row("tomodask + series refinement", per_tilt, list(refined.defocus_angstrom),
+                         list(refined.defocus_u_angstrom - refined.defocus_v_angstrom), truths)
+    series.update(n_refitted=int(refined.refitted.sum()), series_astigmatism_angstrom=refined.astigmatism_angstrom,
+                  series_astigmatism_error_angstrom=refined.astigmatism_angstrom - tilts[0][3])
+    return [row, series]
+
+
+def _series_row(tool: str, seconds: float, estimates: list[float], astigs: list[float],
+                truths: list[float]) -> dict:
+    """The series row of one tool from its per-tilt mean defocus and astigmatism (Å)."""
+    errors = [e - t for e, t in zip(estimates, truths)]
+    return {
+        "tool": tool, "step": "ctf_series", "case": f"series41_{SERIES_SIZE_PX}px",
+        "seconds": seconds,
+        "defocus_bias_angstrom": float(np.mean(errors)),
+        "defocus_error_angstrom_median": statistics.median(abs(e) for e in errors),
+        "defocus_error_angstrom_rms": float(np.sqrt(np.mean(np.square(errors)))),
+        "n_astigmatism_collapsed": int(sum(a < COLLAPSED_ASTIGMATISM_ANGSTROM for a in astigs)),
+        "n_gross_errors": int(sum(abs(e) > GROSS_ERROR_ANGSTROM for e in errors)),
+        "n_astigmatism_at_limit": int(sum(a >= 0.97 * SERIES_MAX_ASTIGMATISM_ANGSTROM for a in astigs)),
+        "defocus_errors_angstrom": [round(float(e), 1) for e in errors],
+        "astigmatism_fitted_angstrom": [round(float(a), 1) for a in astigs],
+        "n_images": len(errors), "image_size_px": SERIES_SIZE_PX,
+    }
 
 
 def display_rows(rows: list[dict]) -> list[dict]:
@@ -324,7 +365,7 @@ def display_rows(rows: list[dict]) -> list[dict]:
 
 SERIES_COLUMNS = ["case", "tool", "n_images", "seconds", "defocus_bias_angstrom", "defocus_error_angstrom_median",
                   "defocus_error_angstrom_rms", "n_astigmatism_collapsed",
-                  "n_gross_errors", "n_astigmatism_at_limit"]
+                  "n_gross_errors", "n_astigmatism_at_limit", "series_astigmatism_error_angstrom"]
 TABLE_COLUMNS = ["case", "tool", "n_images", "seconds", "defocus_error_angstrom_median",
                  "defocus_error_angstrom_rms", "time_ratio_peer_over_ours", "error_ratio_peer_over_ours"]
 

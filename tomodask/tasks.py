@@ -74,6 +74,31 @@ def _group(zarr_path: str, path: str) -> zarr.Group:
     return root.require_group(path)
 
 
+class _ZarrImages:
+    """Images of a zarr group read on access (``images[i]``), on the array module's device."""
+
+    def __init__(self, root: zarr.Group, paths: list[str], xp) -> None:
+        self._root, self._paths, self._xp = root, paths, xp
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, i: int):
+        return to_device(self._root[self._paths[i]][...], self._xp)
+
+
+def _ctf_options(s: SessionSettings, *, pixel_size_angstrom: float, shape_yx: tuple[int, int]) -> dict:
+    """``estimate_ctf`` keyword arguments of a session for an image, except the tilt angle."""
+    mic, ctf_s = s.microscope, s.processing.ctf
+    px = float(pixel_size_angstrom)
+    return dict(pixel_size_angstrom=px, voltage_kv=mic.voltage_kv, spherical_aberration_mm=mic.spherical_aberration_mm,
+                amplitude_contrast=mic.amplitude_contrast, tilt_axis_angle_deg=mic.tilt_axis_angle_deg,
+                defocus_search_range_angstrom=(ctf_s.defocus_min_angstrom, ctf_s.defocus_max_angstrom),
+                tile_size_px=int(min(ctf_s.tile_size_px, 2 ** int(np.log2(min(shape_yx))))),
+                resolution_range_angstrom=(ctf_s.resolution_low_angstrom, max(ctf_s.resolution_high_angstrom, 2.1 * px)),
+                fit_phase_shift=ctf_s.fit_phase_shift)
+
+
 def process_movie(req: MovieRequest) -> dict:
     """Gain-correct, align frames, dose-weight and estimate the CTF of one movie.
 
@@ -87,7 +112,7 @@ def process_movie(req: MovieRequest) -> dict:
 
     t0 = time.perf_counter()
     s = SessionSettings.model_validate_json(req.settings_json)
-    mic, fa, ctf_s = s.microscope, s.processing.frame_alignment, s.processing.ctf
+    mic, fa = s.microscope, s.processing.frame_alignment
     xp = default_array_module()
     frames = to_device(read_movie(req.movie_path, eer_frames_per_fraction=fa.eer_frames_per_fraction),
                        xp).astype(xp.float32)
@@ -120,15 +145,8 @@ def process_movie(req: MovieRequest) -> dict:
         shape = (int(round(ny * px / out_px)) // 2 * 2, int(round(nx * px / out_px)) // 2 * 2)
         sums = {k: fourier_crop(v, shape) for k, v in sums.items()}
         out_px = px * ny / shape[0]
-    tile = int(min(ctf_s.tile_size_px, 2 ** int(np.log2(min(al.aligned_sum.shape)))))
-    ctf = estimate_ctf(al.aligned_sum, pixel_size_angstrom=px, voltage_kv=mic.voltage_kv,
-                       spherical_aberration_mm=mic.spherical_aberration_mm, amplitude_contrast=mic.amplitude_contrast,
-                       tilt_angle_deg=req.tilt_angle_deg, tilt_axis_angle_deg=mic.tilt_axis_angle_deg,
-                       defocus_search_range_angstrom=(ctf_s.defocus_min_angstrom, ctf_s.defocus_max_angstrom),
-                       tile_size_px=tile,
-                       resolution_range_angstrom=(ctf_s.resolution_low_angstrom,
-                                                  max(ctf_s.resolution_high_angstrom, 2.1 * px)),
-                       fit_phase_shift=ctf_s.fit_phase_shift)
+    ctf = estimate_ctf(al.aligned_sum, tilt_angle_deg=req.tilt_angle_deg,
+                       **_ctf_options(s, pixel_size_angstrom=px, shape_yx=al.aligned_sum.shape))
     t_ctf = time.perf_counter()
     g = _group(req.zarr_path, f"movies/{req.movie}")
     for name, arr in sums.items():
@@ -189,7 +207,7 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
     from tomodask.io.imod import write_alignment
     from tomodask.io.mrc import write_mrc
     from tomodask.io.omezarr import write_ome_zarr
-    from tomodask.kernels.ctf_series import consistent_series_defocus
+    from tomodask.kernels.ctf_series import refine_series_ctf
     from tomodask.kernels.fourier import fourier_crop
     from tomodask.kernels.picking import overlay_picks, pick_particles
     from tomodask.kernels.reconstruct import reconstruct_tomogram
@@ -230,6 +248,13 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
                     tilt_axis_angle_deg=al.tilt_axis_angle_deg, tilt_angles_deg=al.tilt_angles_deg,
                     tilt_angle_offset_deg=al.tilt_angle_offset_deg, excluded=al.excluded)
     shifts_full_px = np.asarray(al.shifts_px, dtype=float)
+    # the series' astigmatism from its best tilts; weak tilts refitted with it
+    series_ctf = refine_series_ctf(
+        _ZarrImages(root, [f"movies/{m['movie']}/aligned_sum" for m in movies], xp), angles,
+        *(np.array([m[k] for m in movies], dtype=float) for k in
+          ("defocus_u_angstrom", "defocus_v_angstrom", "astigmatism_angle_deg", "ctf_fit_resolution_angstrom")),
+        estimate_options=_ctf_options(s, pixel_size_angstrom=px, shape_yx=stack.shape[1:]))
+    t_ctf = time.perf_counter()
 
     rec = p.reconstruction
     use = ~np.asarray(al.excluded)
@@ -238,10 +263,7 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
     rec_stack, rec_px = fourier_crop(stack, shape), px * stack.shape[1] / shape[0]
     aligned = apply_alignment(rec_stack[use], shifts_px=shifts_full_px[use] * px / rec_px,
                               tilt_axis_angle_deg=al.tilt_axis_angle_deg)
-    estimated = np.array([m["defocus_angstrom"] for m in movies], dtype=float)
-    series_defocus = consistent_series_defocus(estimated if np.isfinite(estimated).any() else np.zeros_like(estimated),
-                                               angles)
-    defocus = series_defocus.defocus_angstrom[use] if rec.ctf_phase_flip and np.isfinite(estimated).any() else None
+    defocus = series_ctf.defocus_angstrom[use] if rec.ctf_phase_flip else None
     dose = (np.array([m["prior_dose_e_per_angstrom2"] + m["dose_e_per_angstrom2"] / 2 for m in movies])[use]
             if rec.dose_weighting else None)
     thickness_px = int(round(rec.thickness_angstrom / rec_px)) // 2 * 2
@@ -306,11 +328,19 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
         "n_picks": 0 if picks is None else int(len(picks.scores)),
         "pick_threshold": None if picks is None else float(picks.threshold_used),
         "picks_xyz_angstrom": [] if picks is None else np.asarray(picks.coordinates_xyz_angstrom).tolist(),
-        "mean_defocus_angstrom": float(np.mean([m["defocus_angstrom"] for m in movies])),
-        "ctf_defocus_replaced": [bool(r) for r in series_defocus.replaced],
-        "ctf_reference_defocus_angstrom": series_defocus.reference_defocus_angstrom,
+        "mean_defocus_angstrom": float(np.mean(series_ctf.defocus_angstrom)),
+        "ctf_defocus_u_angstrom": series_ctf.defocus_u_angstrom.tolist(),
+        "ctf_defocus_v_angstrom": series_ctf.defocus_v_angstrom.tolist(),
+        "ctf_astigmatism_angle_deg": series_ctf.astigmatism_angle_deg.tolist(),
+        "ctf_fit_resolution_angstrom": series_ctf.fit_resolution_angstrom.tolist(),
+        "ctf_reference_tilt": series_ctf.reference.tolist(),
+        "ctf_refitted": series_ctf.refitted.tolist(),
+        "ctf_series_astigmatism_angstrom": series_ctf.astigmatism_angstrom,
+        "ctf_series_astigmatism_angle_deg": series_ctf.astigmatism_angle_deg_series,
+        "ctf_reference_defocus_angstrom": series_ctf.reference_defocus_angstrom,
         "seconds_alignment": t_align - t0,
-        "seconds_reconstruction": t_rec - t_align,
+        "seconds_ctf_refinement": t_ctf - t_align,
+        "seconds_reconstruction": t_rec - t_ctf,
         "seconds_picking": t_pick - t_rec,
         "seconds": time.perf_counter() - t0,
         "backend": xp.__name__,

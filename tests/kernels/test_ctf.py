@@ -212,7 +212,7 @@ def test_dose_damaged_last_tilt_avoids_the_wrong_low_defocus_basin():
     image, so the tolerance only separates the basins: within 6000 Å of the truth, and the
     astigmatism (truth 822 Å) not at the 3000 Å search limit.
     """
-    rng = np.random.default_rng(0)  # the draws of benchmarks/movie_ctf.py simulate_series(0)
+    rng = np.random.default_rng(0)  # the per-tilt draws of series seed 0 of benchmarks/movie_ctf.py (8b56fc5)
     defocus = 30000.0 + rng.normal(0.0, 1500.0, 41)[0]
     astig = rng.uniform(500.0, 1500.0, 41)[0]
     angle = rng.uniform(-90.0, 90.0, 41)[0]

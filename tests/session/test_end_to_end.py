@@ -70,10 +70,15 @@ def test_stream_transfer_and_process(tmp_path, data_root, method, n_tilt_series)
         defocus_err = [abs(mv.loc[n, "defocus_angstrom"] - 0.5 * (t["defocus_u_angstrom"] + t["defocus_v_angstrom"]))
                        for n, t in by_movie.items() if not t["dark"] and abs(t["tilt_angle_deg"]) <= 30]
         assert np.median(defocus_err) <= 500.0
-        # the series' defocus check keeps the low-tilt fits (it replaces only fits > 2500 Å off)
-        low_tilt_replaced = [mv for mv, r in zip(m["movies"], m["ctf_defocus_replaced"])
-                             if r and not by_movie[mv]["dark"] and abs(by_movie[mv]["tilt_angle_deg"]) <= 30]
-        assert low_tilt_replaced == []
+        # the series-level CTF (low tilts give the astigmatism, the others are refitted with it):
+        # every tilt that phase flipping uses in the right basin, the median as good as per tilt
+        series_err = np.array([abs(0.5 * (u + v) - 0.5 * (by_movie[mv]["defocus_u_angstrom"]
+                                                         + by_movie[mv]["defocus_v_angstrom"]))
+                               for mv, u, v in zip(m["movies"], m["ctf_defocus_u_angstrom"], m["ctf_defocus_v_angstrom"])
+                               if not by_movie[mv]["dark"]])
+        assert np.median(series_err) <= 500.0 and series_err.max() < 5000.0, series_err
+        assert sum(m["ctf_reference_tilt"]) >= 3 and not any(r and f for r, f in zip(m["ctf_reference_tilt"],
+                                                                                     m["ctf_refitted"]))
         picks = match_picks(np.array(m["picks_xyz_angstrom"]).reshape(-1, 3),
                             np.array(truth["phantom"]["particle_centers_xyz_angstrom"]),
                             max_distance=truth["spec"]["particle_radius_angstrom"])

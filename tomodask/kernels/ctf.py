@@ -228,6 +228,7 @@ def estimate_ctf(
     max_astigmatism_angstrom: float = 3000.0,
     fit_resolution_threshold: float = 0.3,
     diagnostic_size_px: int = 256,
+    astigmatism_fixed: tuple[float, float] | None = None,
 ) -> CTFResult:
     """Estimate defocus, astigmatism (and phase shift) of one image.
 
@@ -260,6 +261,10 @@ def estimate_ctf(
         Correlation of EPA and model below which rings count as no longer fitted.
     diagnostic_size_px
         Side of the ``spectrum_yx`` diagnostic image.
+    astigmatism_fixed
+        ``(U - V in Å, angle of U in degrees)``: fit only the mean defocus (and phase shift)
+        with this astigmatism (step 5 skipped), e.g. a tilt-series' astigmatism measured on
+        its best tilts (:func:`tomodask.kernels.ctf_series.refine_series_ctf`). None fits it.
 
     Returns
     -------
@@ -297,6 +302,7 @@ def estimate_ctf(
         diagnostic_size_px=diagnostic_size_px,
         voltage_kv=voltage_kv,
         amplitude_contrast=amplitude_contrast,
+        astigmatism_fixed=astigmatism_fixed,
     )
     optics = _Optics(float(voltage_kv), float(spherical_aberration_mm), float(amplitude_contrast))
     px = float(pixel_size_angstrom)
@@ -333,12 +339,19 @@ def estimate_ctf(
     # 4. for each 1D candidate: background and envelope, isotropic 2D refinement; the one
     # whose model matches the most Thon-ring periods (up to its fit resolution) wins, the
     # 1D order deciding ties; the winner continues from its 1D values
+    if astigmatism_fixed is None:
+        hc0 = hs0 = 0.0
+    else:
+        half0, angle0 = 0.5 * float(astigmatism_fixed[0]), np.deg2rad(float(astigmatism_fixed[1]))
+        hc0, hs0 = half0 * np.cos(2 * angle0), half0 * np.sin(2 * angle0)
+    astig_step = 0.0 if astigmatism_fixed is not None else 40.0
     best_rings = -np.inf
     for mean0, phase0 in candidates:
-        start = np.array([mean0, 0.0, 0.0, phase0])
+        start = np.array([mean0, hc0, hs0, phase0])
         background, contrast = _fit_background(cells, _cell_model(cells, optics, delta, start))
         steps = np.array([40.0, 0.0, 0.0, 10.0 if fit_phase_shift else 0.0])
-        cand, _ = _pattern_search(cells, optics, delta, background, contrast, start, steps, 0.0)
+        cand, _ = _pattern_search(cells, optics, delta, background, contrast, start, steps,
+                                  max_astigmatism_angstrom)
         freq, _, _, corr = _equiphase_profile(cells, optics, delta, background, contrast, cand, lam=lam, tile=tile, px=px)
         k_fit = 1.0 / _fit_resolution(freq, corr, fit_resolution_threshold, k_hi)
         rings = round(lam * cand[0] * (k_fit**2 - k_lo**2) / RING_COUNT_TIE)
@@ -347,14 +360,15 @@ def estimate_ctf(
     background, contrast = _fit_background(cells, _cell_model(cells, optics, delta, params))
 
     # 5. astigmatism: exhaustive search on the sector table
-    params = _search_astigmatism(cells, optics, delta, background, contrast, params, max_astigmatism_angstrom)
+    if astigmatism_fixed is None:
+        params = _search_astigmatism(cells, optics, delta, background, contrast, params, max_astigmatism_angstrom)
 
     # 6. 2D refinement, background refit, polish
-    steps = np.array([40.0, 40.0, 40.0, 10.0 if fit_phase_shift else 0.0])
+    steps = np.array([40.0, astig_step, astig_step, 10.0 if fit_phase_shift else 0.0])
     params, _ = _pattern_search(cells, optics, delta, background, contrast, params, steps, max_astigmatism_angstrom)
     model = _cell_model(cells, optics, delta, params)
     background, contrast = _fit_background(cells, model)
-    steps = np.array([8.0, 8.0, 8.0, 2.0 if fit_phase_shift else 0.0])
+    steps = np.array([8.0, astig_step / 5, astig_step / 5, 2.0 if fit_phase_shift else 0.0])
     params, score = _pattern_search(cells, optics, delta, background, contrast, params, steps, max_astigmatism_angstrom)
 
     mean, hc, hs, phase = (float(v) for v in params)
@@ -404,6 +418,7 @@ def _validate(
     diagnostic_size_px: int,
     voltage_kv: float,
     amplitude_contrast: float,
+    astigmatism_fixed: tuple[float, float] | None,
 ) -> None:
     """Raise ValueError with the fix for inputs estimate_ctf cannot work with."""
     xp = get_array_module(image_yx)
@@ -454,6 +469,14 @@ def _validate(
         )
     if not max_astigmatism_angstrom >= 0:
         raise ValueError(f"max_astigmatism_angstrom must be >= 0, e.g. 3000; got {max_astigmatism_angstrom}")
+    if astigmatism_fixed is not None and not (
+        len(astigmatism_fixed) == 2 and 0.0 <= astigmatism_fixed[0] <= max_astigmatism_angstrom
+        and np.isfinite(astigmatism_fixed[1])
+    ):
+        raise ValueError(
+            "astigmatism_fixed must be (U - V in Å, angle in degrees) with 0 <= U - V <= "
+            f"max_astigmatism_angstrom ({max_astigmatism_angstrom}), e.g. (800.0, 30.0); got {astigmatism_fixed}"
+        )
     if diagnostic_size_px < 16:
         raise ValueError(f"diagnostic_size_px must be at least 16, e.g. 256; got {diagnostic_size_px}")
 
