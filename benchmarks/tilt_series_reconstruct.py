@@ -19,7 +19,10 @@ Tools
 Timing: wall-clock seconds on the CPU, cold (the projector's sparse matrix is rebuilt for
 every run, as for every new tilt-series), fastest of up to three runs for the quick tools.
 
-Run ``python benchmarks/tilt_series_reconstruct.py [--quick] [--json OUT.json]``.
+Run ``python benchmarks/tilt_series_reconstruct.py [--quick] [--json OUT.json]``; ``--seeds 2 3``
+simulates other series for the central-slice cases (default seeds 0 and 1) and
+``--central-only`` skips the whole volumes (and torch-tomogram), e.g. to check a change on
+series it was not developed on.
 """
 
 from __future__ import annotations
@@ -173,24 +176,25 @@ def _iterative_peers() -> list[tuple[str, Callable[[Case], np.ndarray]]]:
     ]
 
 
-def reconstruct_rows(*, quick: bool) -> list[dict]:
+def reconstruct_rows(*, quick: bool, seeds: tuple[int, ...] = (0, 1), central_only: bool = False) -> list[dict]:
     """Run every tool on the benchmark cases; one row per (tool, case).
 
     Quick: 128 px at 12 A/px. Full: 256 px at 8 A/px, plus a full-size tilt-series, a
     4096 px detector at 1.5 A/px binned 8x (512 px at 12 A/px), simulated directly at the
     binned pixel size. Whole volumes: every tomodask setting, astra FBP (and
-    torch-tomogram on the smaller one); central slices of seeds 0 and 1 at 3 and 1
-    e-/A2 per tilt (and 16 of the full-size one): astra's iterative methods too (too
-    slow for whole volumes).
+    torch-tomogram on the smaller one; seed 0); central slices of each of ``seeds`` at 3
+    and 1 e-/A2 per tilt (and 16 of the full-size one, seed 0): astra's iterative methods
+    too (too slow for whole volumes). ``central_only``: no whole volumes.
     """
     size, px, n_slices = (128, 12.0, 16) if quick else (256, 8.0, 32)
-    full = make_case(size_px=size, pixel_size_angstrom=px, dose_per_tilt=3.0)
     subsets = [make_case(size_px=size, pixel_size_angstrom=px, dose_per_tilt=dose, seed=seed, n_slices=n_slices)
-               for seed in (0, 1) for dose in (3.0, 1.0)]
-    wholes = [full]
-    if not quick:
-        wholes.append(make_case(size_px=512, pixel_size_angstrom=12.0, dose_per_tilt=3.0))
+               for seed in seeds for dose in (3.0, 1.0)]
+    if not quick and 0 in seeds:
         subsets.append(make_case(size_px=512, pixel_size_angstrom=12.0, dose_per_tilt=3.0, n_slices=16))
+    if central_only:
+        return run_all(case_runs([], subsets))
+    full = make_case(size_px=size, pixel_size_angstrom=px, dose_per_tilt=3.0)
+    wholes = [full] if quick else [full, make_case(size_px=512, pixel_size_angstrom=12.0, dose_per_tilt=3.0)]
     runs = case_runs(wholes, subsets)
     runs.append(("torch-tomogram (CPU)", full, torch_tomogram_reconstruct))
     return run_all(runs)
@@ -242,8 +246,12 @@ def _table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    args = benchmark_parser(__doc__).parse_args()
-    rows = reconstruct_rows(quick=args.quick)
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                        help="simulation seeds of the central-slice cases (default: 0 1)")
+    parser.add_argument("--central-only", action="store_true", help="central-slice cases only, no whole volumes")
+    args = parser.parse_args()
+    rows = reconstruct_rows(quick=args.quick, seeds=tuple(args.seeds), central_only=args.central_only)
     info = machine()
     print(f"machine: {info['machine']}, {info['cpus']} CPUs, python {info['python']}, {info['date']}")
     print(_table(rows))
