@@ -44,7 +44,11 @@ size (about 1/128 of the field of view):
    distance from the 3D-feature model after the final pass. Without gold, each tilt's
    link to its neighbour towards 0° is checked once more: a weak one (low correlation, or
    a marginal one with an ambiguous peak) excludes that tilt and all beyond it, which
-   were placed through it and which nothing else constrains across the axis.
+   were placed through it and which nothing else constrains across the axis. The tilts
+   excluded as failed are then checked outwards, innermost first, against the
+   reprojection at their angle of the kept tilts (low-passed twice as much: a thick
+   specimen's parallax between tilts 3° apart keeps only coarse detail); one whose clear
+   peak confirms its position is kept again, the first that fails ends the walk.
 
 Shifts follow :mod:`tomodask.kernels.geometry`: *displacements* ``(dy, dx)`` of each
 image's content, in input pixels. :func:`apply_alignment` undoes them and rotates the
@@ -1319,6 +1323,42 @@ def _weak_links(binned_tyx, angles: np.ndarray, nominal: np.ndarray, idx: np.nda
     return out
 
 
+def _confirmed_by_reprojection(matcher: _Matcher, corr: _Correlator, angles: np.ndarray, nominal: np.ndarray,
+                               kept: np.ndarray, candidates, shifts: np.ndarray, axis_deg: float, *,
+                               radius_px: float, tolerance_px: float, min_peak_ratio: float) -> list[int]:
+    """Of the excluded tilts ``candidates``, those whose position a reprojection confirms.
+
+    Walking outwards on each side of the kept tilt nearest 0°, innermost first, each
+    candidate is correlated (``corr``, a stronger low-pass than the chain's) with the
+    reprojection, at its angle, of the weighted back-projection of the ``kept`` tilts and
+    of those confirmed before it (never of the other excluded ones). It is confirmed when
+    the best peak within ``radius_px`` of its shift is within ``tolerance_px`` of it and
+    at least ``min_peak_ratio`` times the next best: two independent placements agree.
+    The first candidate not confirmed ends the walk on its side (those beyond it were
+    placed through it). Positions are never moved: the reprojection of a one-sided set
+    of tilts of a thick specimen is a check, not a precise reference.
+    """
+    core = kept.copy()
+    start = int(np.flatnonzero(core)[np.argmin(np.abs(nominal[core]))])
+    rot = _rot_xy(axis_deg)
+    confirmed: list[int] = []
+    for side in (-1, 1):
+        for i in sorted((int(c) for c in candidates if (c - start) * side > 0), key=lambda c: abs(c - start)):
+            ref = np.flatnonzero(core)
+            volume = _wbp(matcher.aligned(ref, shifts, axis_deg), angles[ref], thickness_px=matcher.thickness_px)
+            reproj = project_volume(volume, angles[[i]], n_detector_px=matcher.shape[1])
+            rotated = apply_alignment(matcher.binned[[i]], shifts_px=np.zeros((1, 2)), tilt_axis_angle_deg=axis_deg,
+                                      order=1, fill="zero")
+            centre = (rot.T @ shifts[i][::-1])[::-1]
+            d, _, r = corr.match(corr.prepare(rotated), corr.prepare(reproj), centres_yx=centre[None],
+                                 radii_px=radius_px)
+            if np.hypot(*(d[0] - centre)) > tolerance_px or r[0] < min_peak_ratio:
+                break
+            core[i] = True
+            confirmed.append(i)
+    return confirmed
+
+
 def align_tilt_series(
     images_tyx: np.ndarray,
     tilt_angles_deg: np.ndarray,
@@ -1344,6 +1384,8 @@ def align_tilt_series(
     max_centring_uncertainty_angstrom: float = 50.0,
     min_link_peak_ratio: float = 1.5,
     min_link_relative_correlation: tuple[float, float] = (0.55, 0.75),
+    recovery_tolerance_angstrom: float = 18.0,
+    min_recovery_peak_ratio: float = 3.0,
 ) -> TiltSeriesAlignment:
     """Align a tilt-series without fiducials (see the module docstring for the steps).
 
@@ -1408,6 +1450,14 @@ def align_tilt_series(
         peak with a low correlation is often another structure). That tilt and every tilt
         beyond it (placed through it) are reported as ``"alignment failed (...)"`` and
         excluded.
+    recovery_tolerance_angstrom, min_recovery_peak_ratio
+        Without gold, tilts excluded as ``"alignment failed"`` get one more check,
+        outwards from 0° on each side: correlated (low-pass twice ``lowpass_angstrom``)
+        with the reprojection at their angle of the kept tilts (and of those recovered
+        before them), a tilt whose best peak within ``max_shift_fraction[0]`` of the field
+        lies within ``recovery_tolerance_angstrom`` of its shift and is at least
+        ``min_recovery_peak_ratio`` times the next best is kept at its shift; the first
+        one that fails ends the walk on its side.
 
     Returns
     -------
@@ -1649,6 +1699,20 @@ def align_tilt_series(
         failed.update(_weak_links(binned, final_angles, nominal, np.flatnonzero(ok), shifts_b, axis, coarse_corr,
                                   radius_px=matcher.small_radius_px, min_peak_ratio=min_link_peak_ratio,
                                   min_relative_correlation=min_link_relative_correlation))
+        check = _Correlator((by_, bx_), lowpass_px=2.0 * lp_px, highpass_px=hp_px, xp=xp, mask=matcher.corr.mask)
+        recovered = _confirmed_by_reprojection(
+            matcher, check, final_angles, nominal, ok & ~np.isin(np.arange(n_t), list(failed)), list(failed),
+            shifts_b, axis, radius_px=max_shift_fraction[0] * min(by_, bx_),
+            tolerance_px=recovery_tolerance_angstrom / px_b, min_peak_ratio=min_recovery_peak_ratio)
+        for i in recovered:
+            del failed[i]
+            ok[i] = True
+        if recovered:
+            idx = np.flatnonzero(ok)
+            update, c, _ = matcher.measure(idx, shifts_b, axis, final_angles)
+            back = np.isin(idx, recovered)
+            ncc[idx[back]] = c[back]
+            residual_b[idx[back]] = np.hypot(update[back, 0], update[back, 1])
     for i, why in failed.items():
         reasons[i] = why
     ok &= np.array([r == "" for r in reasons])
