@@ -49,6 +49,8 @@ size (about 1/128 of the field of view):
    reprojection at their angle of the kept tilts (low-passed twice as much: a thick
    specimen's parallax between tilts 3° apart keeps only coarse detail); one whose clear
    peak confirms its position is kept again, the first that fails ends the walk.
+   Then the 3D-feature model measures the axis once more on the kept tilts only (the
+   global passes saw the excluded runs), taken beyond two standard errors.
 
 Shifts follow :mod:`tomodask.kernels.geometry`: *displacements* ``(dy, dx)`` of each
 image's content, in input pixels. :func:`apply_alignment` undoes them and rotates the
@@ -1655,14 +1657,23 @@ def align_tilt_series(
         z_total_px, geometry = 0.0, None
     final_angles = nominal + offset
 
-    # Gauge: the tilt nearest 0 degrees keeps zero displacement (the field the operator
-    # chose); the x translation of the tomogram (cos) and its y translation restore it.
-    a = np.deg2rad(axis)
-    across, along = np.array([np.sin(a), np.cos(a)]), np.array([np.cos(a), -np.sin(a)])
-    start = int(np.flatnonzero(ok)[np.argmin(np.abs(nominal[ok]))])
-    cos_f = np.cos(np.deg2rad(final_angles))
-    shifts_b = (shifts_b - (shifts_b[start] @ across) * (cos_f / cos_f[start])[:, None] * across[None, :]
-                - (shifts_b[start] @ along) * along[None, :])
+    def fix_gauge(kept: np.ndarray) -> None:
+        # Gauge: the tilt nearest 0 degrees keeps zero displacement (the field the operator
+        # chose); the x translation of the tomogram (cos) and its y translation restore it.
+        nonlocal shifts_b
+        a = np.deg2rad(axis)
+        across, along = np.array([np.sin(a), np.cos(a)]), np.array([np.cos(a), -np.sin(a)])
+        start = int(np.flatnonzero(kept)[np.argmin(np.abs(nominal[kept]))])
+        cos_f = np.cos(np.deg2rad(final_angles))
+        shifts_b = (shifts_b - (shifts_b[start] @ across) * (cos_f / cos_f[start])[:, None] * across[None, :]
+                    - (shifts_b[start] @ along) * along[None, :])
+
+    def final_model(idx: np.ndarray) -> FeatureFit:
+        aligned = matcher.aligned(idx, shifts_b, axis)
+        return refine_with_features(aligned, final_angles[idx], _wbp(aligned, final_angles[idx], thickness_px=nz),
+                                    fit_axis=False, shift_prior_px=100.0)
+
+    fix_gauge(ok)
 
     # Failure detection against leave-one-out reprojections; residuals: how far each tilt
     # still is from where the 3D-feature model (or, without features, its leave-one-out
@@ -1689,12 +1700,14 @@ def align_tilt_series(
         idx, final = model_fits[-1]
     else:
         idx = np.flatnonzero(ok)
-        aligned = matcher.aligned(idx, shifts_b, axis)
-        final = refine_with_features(aligned, final_angles[idx], _wbp(aligned, final_angles[idx], thickness_px=nz),
-                                     fit_axis=False, shift_prior_px=100.0)
-    if final.n_features >= 3:
-        model = np.sqrt((final.shift_corrections_uv**2).sum(axis=1) + np.nan_to_num(final.rms_px) ** 2)
-        residual_b[idx] = np.where(final.measured, model, residual_b[idx])
+        final = final_model(idx)
+
+    def model_residuals(idx: np.ndarray, fit: FeatureFit) -> None:
+        if fit.n_features >= 3:
+            model = np.sqrt((fit.shift_corrections_uv**2).sum(axis=1) + np.nan_to_num(fit.rms_px) ** 2)
+            residual_b[idx] = np.where(fit.measured, model, residual_b[idx])
+
+    model_residuals(idx, final)
     if geometry is None or not geometry.method.startswith("gold"):
         failed.update(_weak_links(binned, final_angles, nominal, np.flatnonzero(ok), shifts_b, axis, coarse_corr,
                                   radius_px=matcher.small_radius_px, min_peak_ratio=min_link_peak_ratio,
@@ -1707,12 +1720,23 @@ def align_tilt_series(
         for i in recovered:
             del failed[i]
             ok[i] = True
-        if recovered:
-            idx = np.flatnonzero(ok)
+        # The global passes measured the axis with tilts since excluded (runs placed
+        # wrongly): once more on the kept tilts, taken beyond two standard errors.
+        kept = ok & ~np.isin(np.arange(n_t), list(failed))
+        idx = np.flatnonzero(kept)
+        fit = features(idx, shifts_b, axis, final_angles, fit_axis=True) if refine_tilt_axis else None
+        turn = fit is not None and fit.n_features >= 3 and abs(fit.axis_correction_deg) > 2 * fit.axis_standard_error_deg
+        if turn:
+            axis += float(np.clip(fit.axis_correction_deg, -1.0, 1.0))
+            shifts_b[idx] += matcher.to_raw(fit.shift_corrections_uv, axis)
+            fix_gauge(kept)
+        if recovered or turn:
             update, c, _ = matcher.measure(idx, shifts_b, axis, final_angles)
-            back = np.isin(idx, recovered)
-            ncc[idx[back]] = c[back]
-            residual_b[idx[back]] = np.hypot(update[back, 0], update[back, 1])
+            redo = np.isin(idx, recovered) | turn
+            ncc[idx[redo]] = c[redo]
+            residual_b[idx[redo]] = np.hypot(update[redo, 0], update[redo, 1])
+        if turn:
+            model_residuals(idx, final_model(idx))
     for i, why in failed.items():
         reasons[i] = why
     ok &= np.array([r == "" for r in reasons])
