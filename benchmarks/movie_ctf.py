@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tomodask from th
 
 from _common import print_table, timed, write_json  # noqa: E402
 
-from tomodask.kernels.ctf import estimate_ctf  # noqa: E402
+from tomodask.kernels.ctf import estimate_ctf, estimate_ctf_from_spectra, strip_spectra  # noqa: E402
 from tomodask.kernels.ctf_series import refine_series_ctf  # noqa: E402
 from tomodask.simulate import simulate_single_tilt  # noqa: E402
 from tomodask.simulate.microscope import dose_symmetric_order  # noqa: E402
@@ -309,25 +309,36 @@ def series_rows(*, seed: int = 0, tools: tuple[str, ...] = tuple(TOOLS)) -> list
 def _ours_series_rows(tilts: list[tuple[np.ndarray, float, float, float]]) -> list[dict]:
     """tomodask per tilt, and after :func:`refine_series_ctf` (its seconds spread over the tilts)."""
     options = ours_options(SERIES_FIT_RANGE_ANGSTROM)
-    fits, seconds = [], []
+    spectra_options = {k: options[k] for k in ("pixel_size_angstrom", "tilt_axis_angle_deg", "tile_size_px",
+                                               "resolution_range_angstrom")}
+    fit_options = {k: v for k, v in options.items() if k not in spectra_options}
+    spectra, fits, seconds = [], [], []
     for image, tilt_deg, _, _ in tilts:
-        fit, elapsed = timed(estimate_ctf, image, tilt_angle_deg=tilt_deg, **options)
+        (s, fit), elapsed = timed(_spectra_and_fit, image, tilt_deg, spectra_options, fit_options)
+        spectra.append(s)
         fits.append(fit)
         seconds.append(elapsed)
     truths = [t[2] for t in tilts]
     row = _series_row("tomodask", statistics.median(seconds), [f.defocus_angstrom for f in fits],
                       [f.astigmatism_angstrom for f in fits], truths)
     refined, elapsed = timed(
-        refine_series_ctf, [t[0] for t in tilts], np.array([t[1] for t in tilts]),
+        refine_series_ctf, spectra, np.array([t[1] for t in tilts]),
         *(np.array([getattr(f, name) for f in fits]) for name in
           ("defocus_u_angstrom", "defocus_v_angstrom", "astigmatism_angle_deg", "fit_resolution_angstrom")),
-        estimate_options=options)
+        fit_options=fit_options)
     per_tilt = (sum(seconds) + elapsed) / len(tilts)
     series = _series_row("tomodask + series refinement", per_tilt, list(refined.defocus_angstrom),
                          list(refined.defocus_u_angstrom - refined.defocus_v_angstrom), truths)
     series.update(n_refitted=int(refined.refitted.sum()), series_astigmatism_angstrom=refined.astigmatism_angstrom,
-                  series_astigmatism_error_angstrom=refined.astigmatism_angstrom - tilts[0][3])
+                  series_astigmatism_error_angstrom=refined.astigmatism_angstrom - tilts[0][3],
+                  refinement_seconds=elapsed)
     return [row, series]
+
+
+def _spectra_and_fit(image: np.ndarray, tilt_deg: float, spectra_options: dict, fit_options: dict) -> tuple:
+    """What ``estimate_ctf`` does, keeping the strip spectra for the series refinement."""
+    spectra = strip_spectra(image, tilt_angle_deg=tilt_deg, **spectra_options)
+    return spectra, estimate_ctf_from_spectra(spectra, **fit_options)
 
 
 def _series_row(tool: str, seconds: float, estimates: list[float], astigs: list[float],

@@ -74,8 +74,8 @@ def _group(zarr_path: str, path: str) -> zarr.Group:
     return root.require_group(path)
 
 
-class _ZarrImages:
-    """Images of a zarr group read on access (``images[i]``), on the array module's device."""
+class _StoredSpectra:
+    """Strip spectra stored by :func:`process_movie`, read on access (``spectra[i]``)."""
 
     def __init__(self, root: zarr.Group, paths: list[str], xp) -> None:
         self._root, self._paths, self._xp = root, paths, xp
@@ -84,18 +84,32 @@ class _ZarrImages:
         return len(self._paths)
 
     def __getitem__(self, i: int):
-        return to_device(self._root[self._paths[i]][...], self._xp)
+        from tomodask.kernels.ctf import StripSpectra
+
+        arr = self._root[self._paths[i]]
+        a = arr.attrs
+        return StripSpectra(sums=to_device(arr[...], self._xp),
+                            strip_offsets_angstrom=np.asarray(a["strip_offsets_angstrom"], dtype=np.float64),
+                            strip_tiles=np.asarray(a["strip_tiles"], dtype=np.int64),
+                            tile_size_px=int(a["tile_size_px"]), pixel_size_angstrom=float(a["pixel_size_angstrom"]),
+                            resolution_range_angstrom=tuple(float(r) for r in a["resolution_range_angstrom"]))
 
 
-def _ctf_options(s: SessionSettings, *, pixel_size_angstrom: float, shape_yx: tuple[int, int]) -> dict:
-    """``estimate_ctf`` keyword arguments of a session for an image, except the tilt angle."""
-    mic, ctf_s = s.microscope, s.processing.ctf
+def _spectra_options(s: SessionSettings, *, pixel_size_angstrom: float, shape_yx: tuple[int, int]) -> dict:
+    """``strip_spectra`` keyword arguments of a session for an image, except the tilt angle."""
+    ctf_s = s.processing.ctf
     px = float(pixel_size_angstrom)
-    return dict(pixel_size_angstrom=px, voltage_kv=mic.voltage_kv, spherical_aberration_mm=mic.spherical_aberration_mm,
-                amplitude_contrast=mic.amplitude_contrast, tilt_axis_angle_deg=mic.tilt_axis_angle_deg,
-                defocus_search_range_angstrom=(ctf_s.defocus_min_angstrom, ctf_s.defocus_max_angstrom),
+    return dict(pixel_size_angstrom=px, tilt_axis_angle_deg=s.microscope.tilt_axis_angle_deg,
                 tile_size_px=int(min(ctf_s.tile_size_px, 2 ** int(np.log2(min(shape_yx))))),
-                resolution_range_angstrom=(ctf_s.resolution_low_angstrom, max(ctf_s.resolution_high_angstrom, 2.1 * px)),
+                resolution_range_angstrom=(ctf_s.resolution_low_angstrom, max(ctf_s.resolution_high_angstrom, 2.1 * px)))
+
+
+def _ctf_fit_options(s: SessionSettings) -> dict:
+    """``estimate_ctf_from_spectra`` keyword arguments of a session."""
+    mic, ctf_s = s.microscope, s.processing.ctf
+    return dict(voltage_kv=mic.voltage_kv, spherical_aberration_mm=mic.spherical_aberration_mm,
+                amplitude_contrast=mic.amplitude_contrast,
+                defocus_search_range_angstrom=(ctf_s.defocus_min_angstrom, ctf_s.defocus_max_angstrom),
                 fit_phase_shift=ctf_s.fit_phase_shift)
 
 
@@ -103,9 +117,10 @@ def process_movie(req: MovieRequest) -> dict:
     """Gain-correct, align frames, dose-weight and estimate the CTF of one movie.
 
     Writes ``movies/<movie>/`` arrays (aligned_sum, dose_weighted_sum, even_sum, odd_sum,
-    shifts_px, ctf_spectrum) and returns the movie's metrics.
+    shifts_px, ctf_spectrum, and ctf_strip_spectra for the series-level CTF refinement) and
+    returns the movie's metrics.
     """
-    from tomodask.kernels.ctf import estimate_ctf
+    from tomodask.kernels.ctf import estimate_ctf_from_spectra, strip_spectra
     from tomodask.kernels.fourier import fourier_crop
     from tomodask.kernels.gain import apply_gain, find_defect_pixels, replace_defect_pixels
     from tomodask.kernels.motion import align_frames
@@ -145,13 +160,18 @@ def process_movie(req: MovieRequest) -> dict:
         shape = (int(round(ny * px / out_px)) // 2 * 2, int(round(nx * px / out_px)) // 2 * 2)
         sums = {k: fourier_crop(v, shape) for k, v in sums.items()}
         out_px = px * ny / shape[0]
-    ctf = estimate_ctf(al.aligned_sum, tilt_angle_deg=req.tilt_angle_deg,
-                       **_ctf_options(s, pixel_size_angstrom=px, shape_yx=al.aligned_sum.shape))
+    spectra = strip_spectra(al.aligned_sum, tilt_angle_deg=req.tilt_angle_deg,
+                            **_spectra_options(s, pixel_size_angstrom=px, shape_yx=al.aligned_sum.shape))
+    ctf = estimate_ctf_from_spectra(spectra, **_ctf_fit_options(s))
     t_ctf = time.perf_counter()
     g = _group(req.zarr_path, f"movies/{req.movie}")
     for name, arr in sums.items():
         write_array(g, name, arr, pixel_size_angstrom=out_px)
     write_array(g, "shifts_px", np.asarray(to_numpy(al.shifts_px), dtype=np.float32), pixel_size_angstrom=px)
+    write_array(g, "ctf_strip_spectra", spectra.sums, tile_size_px=spectra.tile_size_px,
+                strip_offsets_angstrom=spectra.strip_offsets_angstrom.tolist(),
+                strip_tiles=spectra.strip_tiles.tolist(), pixel_size_angstrom=spectra.pixel_size_angstrom,
+                resolution_range_angstrom=list(spectra.resolution_range_angstrom))
     write_array(g, "ctf_spectrum", ctf.spectrum_yx,
                 max_frequency_per_angstrom=ctf.spectrum_max_frequency_per_angstrom)
     write_array(g, "ctf_profile", np.stack([ctf.profile_frequency_per_angstrom, ctf.profile_data,
@@ -250,10 +270,10 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
     shifts_full_px = np.asarray(al.shifts_px, dtype=float)
     # the series' astigmatism from its best tilts; weak tilts refitted with it
     series_ctf = refine_series_ctf(
-        _ZarrImages(root, [f"movies/{m['movie']}/aligned_sum" for m in movies], xp), angles,
+        _StoredSpectra(root, [f"movies/{m['movie']}/ctf_strip_spectra" for m in movies], xp), angles,
         *(np.array([m[k] for m in movies], dtype=float) for k in
           ("defocus_u_angstrom", "defocus_v_angstrom", "astigmatism_angle_deg", "ctf_fit_resolution_angstrom")),
-        estimate_options=_ctf_options(s, pixel_size_angstrom=px, shape_yx=stack.shape[1:]))
+        fit_options=_ctf_fit_options(s))
     t_ctf = time.perf_counter()
 
     rec = p.reconstruction

@@ -291,34 +291,156 @@ def estimate_ctf(
     ----------
     See the module docstring.
     """
-    xp = get_array_module(image_yx)
-    _validate(
-        image_yx,
-        pixel_size_angstrom=pixel_size_angstrom,
-        tile_size_px=tile_size_px,
+    _validate_fit(
         defocus_search_range_angstrom=defocus_search_range_angstrom,
-        resolution_range_angstrom=resolution_range_angstrom,
         max_astigmatism_angstrom=max_astigmatism_angstrom,
         diagnostic_size_px=diagnostic_size_px,
         voltage_kv=voltage_kv,
         amplitude_contrast=amplitude_contrast,
         astigmatism_fixed=astigmatism_fixed,
     )
-    optics = _Optics(float(voltage_kv), float(spherical_aberration_mm), float(amplitude_contrast))
+    spectra = strip_spectra(image_yx, pixel_size_angstrom=pixel_size_angstrom, tilt_angle_deg=tilt_angle_deg,
+                            tilt_axis_angle_deg=tilt_axis_angle_deg, tile_size_px=tile_size_px,
+                            resolution_range_angstrom=resolution_range_angstrom)
+    return estimate_ctf_from_spectra(
+        spectra, voltage_kv=voltage_kv, spherical_aberration_mm=spherical_aberration_mm,
+        amplitude_contrast=amplitude_contrast, defocus_search_range_angstrom=defocus_search_range_angstrom,
+        fit_phase_shift=fit_phase_shift, phase_shift_deg=phase_shift_deg,
+        max_astigmatism_angstrom=max_astigmatism_angstrom, fit_resolution_threshold=fit_resolution_threshold,
+        diagnostic_size_px=diagnostic_size_px, astigmatism_fixed=astigmatism_fixed,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class StripSpectra:
+    """Tile power spectra of one image summed in strips of equal defocus offset (step 1).
+
+    What :func:`estimate_ctf_from_spectra` fits; small enough to store with a movie's
+    results (a few MB) so that a later refit (:func:`tomodask.kernels.ctf_series.refine_series_ctf`)
+    needs no Fourier transform of the image.
+
+    Attributes
+    ----------
+    sums
+        ``(S, 2R+1, R+1)`` float32 (numpy or cupy): each strip's summed tile power spectra,
+        cropped to radius ``R`` spectrum pixels, rows ``fy`` unshifted (``0..R, -R..-1``).
+    strip_offsets_angstrom
+        ``(S,)`` float64 numpy mean defocus offset of each strip from the image centre.
+    strip_tiles
+        ``(S,)`` int64 numpy number of tiles in each strip.
+    tile_size_px
+        Side of the square tiles.
+    pixel_size_angstrom
+        Pixel size of the image.
+    resolution_range_angstrom
+        ``(low, high)`` fit range, the high limit capped at 0.95 Nyquist.
+    """
+
+    sums: Any
+    strip_offsets_angstrom: np.ndarray
+    strip_tiles: np.ndarray
+    tile_size_px: int
+    pixel_size_angstrom: float
+    resolution_range_angstrom: tuple[float, float]
+
+
+def strip_spectra(
+    image_yx: Any,
+    *,
+    pixel_size_angstrom: float,
+    tilt_angle_deg: float = 0.0,
+    tilt_axis_angle_deg: float = 0.0,
+    tile_size_px: int = 512,
+    resolution_range_angstrom: tuple[float, float] = (30.0, 5.0),
+) -> StripSpectra:
+    """Step 1 of :func:`estimate_ctf`: tile power spectra grouped in strips of equal defocus.
+
+    Parameters
+    ----------
+    image_yx, pixel_size_angstrom, tilt_angle_deg, tilt_axis_angle_deg, tile_size_px, resolution_range_angstrom
+        As for :func:`estimate_ctf`.
+
+    Returns
+    -------
+    StripSpectra
+        The spectra cropped to the fit range, on the input's device.
+
+    Raises
+    ------
+    ValueError
+        For an image that is not 2D, holds NaN or infinity, or is smaller than one tile,
+        and for out-of-range options; the message names the fix.
+    """
+    xp = get_array_module(image_yx)
+    _validate_image(image_yx, pixel_size_angstrom=pixel_size_angstrom, tile_size_px=tile_size_px,
+                    resolution_range_angstrom=resolution_range_angstrom)
     px = float(pixel_size_angstrom)
     tile = int(tile_size_px)
-    k_lo = 1.0 / float(resolution_range_angstrom[0])
     k_hi = min(1.0 / float(resolution_range_angstrom[1]), 0.95 * 0.5 / px)
-    r_lo, r_hi = k_lo * tile * px, k_hi * tile * px  # radii in spectrum pixels
-    radius = min(int(np.ceil(r_hi)) + 1, tile // 2)
-
-    # 1. tile spectra, grouped in strips of equal defocus offset
+    radius = min(int(np.ceil(k_hi * tile * px)) + 1, tile // 2)
     image = xp.asarray(image_yx, dtype=xp.float32)
     starts_y, starts_x, offsets = _tile_layout(
         image.shape, tile, px, float(tilt_angle_deg), float(tilt_axis_angle_deg)
     )
     labels, strip_offsets, strip_tiles = _strips(offsets)
     sums = _strip_spectra(image, starts_y, starts_x, labels, len(strip_offsets), tile, radius)
+    return StripSpectra(sums=sums, strip_offsets_angstrom=np.asarray(strip_offsets, dtype=np.float64),
+                        strip_tiles=np.asarray(strip_tiles, dtype=np.int64), tile_size_px=tile,
+                        pixel_size_angstrom=px,
+                        resolution_range_angstrom=(float(resolution_range_angstrom[0]), 1.0 / k_hi))
+
+
+def estimate_ctf_from_spectra(
+    spectra: StripSpectra,
+    *,
+    voltage_kv: float,
+    spherical_aberration_mm: float,
+    amplitude_contrast: float,
+    defocus_search_range_angstrom: tuple[float, float] = (5000.0, 60000.0),
+    fit_phase_shift: bool = False,
+    phase_shift_deg: float = 0.0,
+    max_astigmatism_angstrom: float = 3000.0,
+    fit_resolution_threshold: float = 0.3,
+    diagnostic_size_px: int = 256,
+    astigmatism_fixed: tuple[float, float] | None = None,
+) -> CTFResult:
+    """Steps 2-7 of :func:`estimate_ctf` on spectra from :func:`strip_spectra`.
+
+    Parameters
+    ----------
+    spectra
+        Strip spectra of one image (numpy or cupy arrays inside).
+    voltage_kv, spherical_aberration_mm, amplitude_contrast, defocus_search_range_angstrom, fit_phase_shift, \
+phase_shift_deg, max_astigmatism_angstrom, fit_resolution_threshold, diagnostic_size_px, astigmatism_fixed
+        As for :func:`estimate_ctf`.
+
+    Returns
+    -------
+    CTFResult
+        As :func:`estimate_ctf` returns it; ``n_tiles`` counts the tiles of the strips.
+
+    Raises
+    ------
+    ValueError
+        For out-of-range options; the message names the fix.
+    """
+    _validate_fit(
+        defocus_search_range_angstrom=defocus_search_range_angstrom,
+        max_astigmatism_angstrom=max_astigmatism_angstrom,
+        diagnostic_size_px=diagnostic_size_px,
+        voltage_kv=voltage_kv,
+        amplitude_contrast=amplitude_contrast,
+        astigmatism_fixed=astigmatism_fixed,
+    )
+    xp = get_array_module(spectra.sums)
+    optics = _Optics(float(voltage_kv), float(spherical_aberration_mm), float(amplitude_contrast))
+    px = float(spectra.pixel_size_angstrom)
+    tile = int(spectra.tile_size_px)
+    k_lo = 1.0 / float(spectra.resolution_range_angstrom[0])
+    k_hi = 1.0 / float(spectra.resolution_range_angstrom[1])
+    r_lo, r_hi = k_lo * tile * px, k_hi * tile * px  # radii in spectrum pixels
+    radius = spectra.sums.shape[2] - 1
+    sums, strip_offsets, strip_tiles = spectra.sums, spectra.strip_offsets_angstrom, spectra.strip_tiles
 
     # 2. polar cells
     cells = _make_cells(sums, strip_tiles, tile=tile, px=px, r_lo=r_lo, r_hi=r_hi)
@@ -393,7 +515,7 @@ def estimate_ctf(
         phase_shift_deg=float(phase % 180.0),
         score=float(score),
         fit_resolution_angstrom=fit_res,
-        n_tiles=int(len(labels)),
+        n_tiles=int(strip_tiles.sum()),
         n_strips=int(len(strip_offsets)),
         spectrum_yx=spectrum,
         spectrum_max_frequency_per_angstrom=radius / (tile * px),
@@ -407,20 +529,10 @@ def estimate_ctf(
 # ----------------------------------------------------------------------------- validation
 
 
-def _validate(
-    image_yx: Any,
-    *,
-    pixel_size_angstrom: float,
-    tile_size_px: int,
-    defocus_search_range_angstrom: tuple[float, float],
-    resolution_range_angstrom: tuple[float, float],
-    max_astigmatism_angstrom: float,
-    diagnostic_size_px: int,
-    voltage_kv: float,
-    amplitude_contrast: float,
-    astigmatism_fixed: tuple[float, float] | None,
+def _validate_image(
+    image_yx: Any, *, pixel_size_angstrom: float, tile_size_px: int, resolution_range_angstrom: tuple[float, float],
 ) -> None:
-    """Raise ValueError with the fix for inputs estimate_ctf cannot work with."""
+    """Raise ValueError with the fix for an image or tiling strip_spectra cannot work with."""
     xp = get_array_module(image_yx)
     ndim = getattr(image_yx, "ndim", None)
     if ndim != 2:
@@ -444,16 +556,6 @@ def _validate(
         )
     if not pixel_size_angstrom > 0:
         raise ValueError(f"pixel_size_angstrom must be positive, e.g. 1.5; got {pixel_size_angstrom}")
-    if not voltage_kv > 0:
-        raise ValueError(f"voltage_kv must be positive, e.g. 300; got {voltage_kv}")
-    if not 0.0 <= amplitude_contrast < 1.0:
-        raise ValueError(f"amplitude_contrast must be in [0, 1), e.g. 0.07; got {amplitude_contrast}")
-    lo, hi = defocus_search_range_angstrom
-    if not 0.0 <= lo < hi:
-        raise ValueError(
-            "defocus_search_range_angstrom must be (low, high) with 0 <= low < high, "
-            f"e.g. (5000, 60000); got {defocus_search_range_angstrom}"
-        )
     low_res, high_res = resolution_range_angstrom
     if not low_res > high_res > 0:
         raise ValueError(
@@ -466,6 +568,28 @@ def _validate(
             f"resolution_range_angstrom {resolution_range_angstrom} spans less than 8 "
             f"spectrum pixels with {tile_size_px} px tiles of {pixel_size_angstrom} Å "
             "(high limit capped at 0.95 Nyquist); widen the range or use larger tiles"
+        )
+
+
+def _validate_fit(
+    *,
+    defocus_search_range_angstrom: tuple[float, float],
+    max_astigmatism_angstrom: float,
+    diagnostic_size_px: int,
+    voltage_kv: float,
+    amplitude_contrast: float,
+    astigmatism_fixed: tuple[float, float] | None,
+) -> None:
+    """Raise ValueError with the fix for fit options estimate_ctf cannot work with."""
+    if not voltage_kv > 0:
+        raise ValueError(f"voltage_kv must be positive, e.g. 300; got {voltage_kv}")
+    if not 0.0 <= amplitude_contrast < 1.0:
+        raise ValueError(f"amplitude_contrast must be in [0, 1), e.g. 0.07; got {amplitude_contrast}")
+    lo, hi = defocus_search_range_angstrom
+    if not 0.0 <= lo < hi:
+        raise ValueError(
+            "defocus_search_range_angstrom must be (low, high) with 0 <= low < high, "
+            f"e.g. (5000, 60000); got {defocus_search_range_angstrom}"
         )
     if not max_astigmatism_angstrom >= 0:
         raise ValueError(f"max_astigmatism_angstrom must be >= 0, e.g. 3000; got {max_astigmatism_angstrom}")

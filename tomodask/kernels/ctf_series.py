@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tomodask.kernels.ctf import estimate_ctf
+from tomodask.kernels.ctf import StripSpectra, estimate_ctf_from_spectra
 from tomodask.kernels.ctf_model import electron_wavelength_angstrom
 
 __all__ = ["SeriesCTF", "refine_series_ctf"]
@@ -32,8 +32,8 @@ __all__ = ["SeriesCTF", "refine_series_ctf"]
 REFERENCE_RING_FRACTION = 0.5
 #: Fewest reference tilts (the tilts matching the most ring periods when fewer pass).
 MIN_REFERENCE_TILTS = 3
-#: :func:`~tomodask.kernels.ctf.estimate_ctf` options the refinement sets for each tilt.
-_SET_PER_TILT = ("tilt_angle_deg", "defocus_search_range_angstrom", "astigmatism_fixed")
+#: :func:`~tomodask.kernels.ctf.estimate_ctf_from_spectra` options the refinement sets for each tilt.
+_SET_PER_TILT = ("defocus_search_range_angstrom", "astigmatism_fixed")
 
 
 @dataclass(frozen=True)
@@ -74,35 +74,34 @@ class SeriesCTF:
 
 
 def refine_series_ctf(
-    images: Sequence[Any],
+    spectra: Sequence[StripSpectra],
     tilt_angles_deg: np.ndarray,
     defocus_u_angstrom: np.ndarray,
     defocus_v_angstrom: np.ndarray,
     astigmatism_angle_deg: np.ndarray,
     fit_resolution_angstrom: np.ndarray,
     *,
-    estimate_options: Mapping[str, Any],
+    fit_options: Mapping[str, Any],
     defocus_window_angstrom: float = 5000.0,
 ) -> SeriesCTF:
     """Refit the weak tilts of a tilt-series with the astigmatism of its best tilts.
 
     Parameters
     ----------
-    images
-        Indexable: ``images[i]`` is the ``(y, x)`` image (numpy or cupy) of tilt ``i`` that
-        the first fit used; only refitted tilts are read, so a lazy sequence saves reading
-        the others.
+    spectra
+        Indexable: ``spectra[i]`` holds the strip spectra of tilt ``i`` that its first fit
+        used (:func:`~tomodask.kernels.ctf.strip_spectra`); only refitted tilts are read, so
+        a lazy sequence saves reading the others, and no image is Fourier transformed again.
     tilt_angles_deg
         ``(t,)`` tilt angles.
     defocus_u_angstrom, defocus_v_angstrom, astigmatism_angle_deg, fit_resolution_angstrom
         ``(t,)`` first fits of every tilt (:func:`~tomodask.kernels.ctf.estimate_ctf`);
         NaN for a failed fit (never a reference, always refitted).
-    estimate_options
-        Keyword arguments of the first fits' :func:`~tomodask.kernels.ctf.estimate_ctf`
-        calls: pixel size, optics, tilt-axis angle, tile size, resolution range,
-        phase-shift options (``voltage_kv`` is required). ``tilt_angle_deg``,
-        ``defocus_search_range_angstrom`` and ``astigmatism_fixed`` are set per tilt here
-        (given ones are ignored).
+    fit_options
+        Keyword arguments of the first fits'
+        :func:`~tomodask.kernels.ctf.estimate_ctf_from_spectra` calls: optics and
+        phase-shift options (``voltage_kv`` is required). ``defocus_search_range_angstrom``
+        and ``astigmatism_fixed`` are set per tilt here (given ones are ignored).
     defocus_window_angstrom
         Refitted tilts' mean defocus is searched within this distance of the reference
         defocus. The default covers focusing scatter of up to about ±1500 Å (1 sd) with a
@@ -138,8 +137,8 @@ def refine_series_ctf(
     finite = np.isfinite(mean) & np.isfinite(u - v) & np.isfinite(a) & np.isfinite(res)
     if not finite.any():
         raise ValueError("no finite CTF fit in the tilt-series; check the CTF fits of its movies")
-    lam = electron_wavelength_angstrom(float(estimate_options["voltage_kv"]))
-    k_lo = 1.0 / float(estimate_options.get("resolution_range_angstrom", (30.0, 5.0))[0])
+    lam = electron_wavelength_angstrom(float(fit_options["voltage_kv"]))
+    k_lo = 1.0 / float(spectra[int(np.argmax(finite))].resolution_range_angstrom[0])
     rings = np.where(finite, lam * mean * (1.0 / np.where(finite, res, 1.0) ** 2 - k_lo**2), -np.inf)
     reference = finite & (rings >= REFERENCE_RING_FRACTION * rings[finite].max())
     if reference.sum() < min(MIN_REFERENCE_TILTS, finite.sum()):
@@ -152,12 +151,12 @@ def refine_series_ctf(
     reference_defocus = float(np.median(mean[reference]))
     out_u, out_v, out_a, out_res = u.copy(), v.copy(), a.copy(), res.copy()
     low = max(reference_defocus - float(defocus_window_angstrom), 0.0)
-    options = {k: val for k, val in estimate_options.items() if k not in _SET_PER_TILT}
+    options = {k: val for k, val in fit_options.items() if k not in _SET_PER_TILT}
     refit = ~reference
     for i in np.nonzero(refit)[0]:
-        r = estimate_ctf(images[i], **options, tilt_angle_deg=float(angles[i]),
-                         defocus_search_range_angstrom=(low, reference_defocus + float(defocus_window_angstrom)),
-                         astigmatism_fixed=(astig, astig_angle))
+        r = estimate_ctf_from_spectra(
+            spectra[i], **options, astigmatism_fixed=(astig, astig_angle),
+            defocus_search_range_angstrom=(low, reference_defocus + float(defocus_window_angstrom)))
         out_u[i], out_v[i], out_a[i], out_res[i] = (r.defocus_u_angstrom, r.defocus_v_angstrom,
                                                     r.astigmatism_angle_deg, r.fit_resolution_angstrom)
     return SeriesCTF(defocus_u_angstrom=out_u, defocus_v_angstrom=out_v, astigmatism_angle_deg=out_a,

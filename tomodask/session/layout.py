@@ -7,7 +7,8 @@
       raw/                       transferred movies, copies of the mdoc files, the gain reference
       results.zarr/              zarr v3 group
         movies/<movie>/          aligned_sum (y, x), dose_weighted_sum, even_sum, odd_sum,
-                                 shifts_px (t, 2), ctf_spectrum (diagnostic image)
+                                 shifts_px (t, 2), ctf_spectrum (diagnostic image),
+                                 ctf_strip_spectra (strips, y, x) tile power spectra
         tilt_series/<ts>/        aligned_stack (t, y, x) at the alignment pixel size,
                                  thumbnail_xy, thumbnail_xz (uint8), picks_zyx_px (n, 3),
                                  pick_scores (n,), thumbnail_picks_rgb (h, w, 3) uint8
