@@ -291,14 +291,6 @@ def estimate_ctf(
     ----------
     See the module docstring.
     """
-    _validate_fit(
-        defocus_search_range_angstrom=defocus_search_range_angstrom,
-        max_astigmatism_angstrom=max_astigmatism_angstrom,
-        diagnostic_size_px=diagnostic_size_px,
-        voltage_kv=voltage_kv,
-        amplitude_contrast=amplitude_contrast,
-        astigmatism_fixed=astigmatism_fixed,
-    )
     spectra = strip_spectra(image_yx, pixel_size_angstrom=pixel_size_angstrom, tilt_angle_deg=tilt_angle_deg,
                             tilt_axis_angle_deg=tilt_axis_angle_deg, tile_size_px=tile_size_px,
                             resolution_range_angstrom=resolution_range_angstrom)
