@@ -75,18 +75,30 @@ def _group(zarr_path: str, path: str) -> zarr.Group:
 
 
 class _StoredSpectra:
-    """Strip spectra stored by :func:`process_movie`, read on access (``spectra[i]``)."""
+    """Strip spectra of a tilt-series' movies, read on access (``spectra[i]``).
 
-    def __init__(self, root: zarr.Group, paths: list[str], xp) -> None:
-        self._root, self._paths, self._xp = root, paths, xp
+    Read from ``movies/<movie>/ctf_strip_spectra``; for movies processed before tomodask
+    stored them, computed from their stored ``aligned_sum`` (at its stored pixel size) with
+    the session's CTF settings.
+    """
+
+    def __init__(self, root: zarr.Group, movies: list[dict], s: SessionSettings, xp) -> None:
+        self._root, self._movies, self._settings, self._xp = root, movies, s, xp
 
     def __len__(self) -> int:
-        return len(self._paths)
+        return len(self._movies)
 
     def __getitem__(self, i: int):
-        from tomodask.kernels.ctf import StripSpectra
+        from tomodask.kernels.ctf import StripSpectra, strip_spectra
 
-        arr = self._root[self._paths[i]]
+        m = self._movies[i]
+        group = self._root[f"movies/{m['movie']}"]
+        if "ctf_strip_spectra" not in group:
+            image = to_device(group["aligned_sum"][...], self._xp)
+            return strip_spectra(image, tilt_angle_deg=m["tilt_angle_deg"],
+                                 **_spectra_options(self._settings, pixel_size_angstrom=m["pixel_size_angstrom"],
+                                                    shape_yx=image.shape))
+        arr = group["ctf_strip_spectra"]
         a = arr.attrs
         return StripSpectra(sums=to_device(arr[...], self._xp),
                             strip_offsets_angstrom=np.asarray(a["strip_offsets_angstrom"], dtype=np.float64),
@@ -270,7 +282,7 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
     shifts_full_px = np.asarray(al.shifts_px, dtype=float)
     # the series' astigmatism from its best tilts; weak tilts refitted with it
     series_ctf = refine_series_ctf(
-        _StoredSpectra(root, [f"movies/{m['movie']}/ctf_strip_spectra" for m in movies], xp), angles,
+        _StoredSpectra(root, movies, s, xp), angles,
         *(np.array([m[k] for m in movies], dtype=float) for k in
           ("defocus_u_angstrom", "defocus_v_angstrom", "astigmatism_angle_deg", "ctf_fit_resolution_angstrom")),
         fit_options=_ctf_fit_options(s))
