@@ -36,7 +36,9 @@ def profiles_command(
 def show_job_script_command(
     profile: Annotated[str, typer.Option("--profile", "-p", help="A SLURM profile.")] = "slurm-cpu",
     threads_per_task: Annotated[int, typer.Option(min=1, help="Threads of each task.")] = ResourceSettings().threads_per_task,
-    memory_per_task_gb: Annotated[float, typer.Option(help="Memory of each task in GiB.")] = ResourceSettings().memory_per_task_gb,
+    memory_per_task_gb: Annotated[
+        float, typer.Option(help="Memory of each task in GiB.")
+    ] = ResourceSettings().memory_per_task_gb,
     gpus_per_task: Annotated[int, typer.Option(min=0, help="GPUs of each task.")] = ResourceSettings().gpus_per_task,
 ) -> None:
     """Print the batch script a SLURM profile submits for each worker (nothing is submitted)."""

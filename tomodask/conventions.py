@@ -6,6 +6,8 @@ use them without importing the rest of the package; this module re-exports them.
 
 from tomodask.kernels.geometry import (
     __doc__ as GEOMETRY,
+)
+from tomodask.kernels.geometry import (
     image_to_axis_frame,
     local_defocus_angstrom,
     specimen_to_image,

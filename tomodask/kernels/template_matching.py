@@ -3,8 +3,9 @@
 Conventions: volumes and templates are ``(z, y, x)`` arrays with the tilt axis along y
 (as :func:`tomodask.kernels.reconstruct.reconstruct_tomogram` returns them), density
 positive. Rotations are 3x3 matrices acting on ``(x, y, z)`` column vectors about the
-template's box centre, voxel ``n // 2`` on each axis (RELION's convention for boxes); a rotation ``R`` places the template point ``p`` at
-``R p``. Euler angles are intrinsic ZYZ, ``R = Rz(phi) Ry(theta) Rz(psi)``, in degrees.
+template's box centre, voxel ``n // 2`` on each axis (RELION's convention for boxes); a
+rotation ``R`` places the template point ``p`` at ``R p``. Euler angles are intrinsic ZYZ,
+``R = Rz(phi) Ry(theta) Rz(psi)``, in degrees.
 """
 
 from __future__ import annotations
