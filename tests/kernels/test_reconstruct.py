@@ -17,7 +17,7 @@ from tomodask.kernels.geometry import specimen_to_image
 from tomodask.kernels.projector import backproject, project_volume
 from tomodask.kernels.reconstruct import (
     _coarse_projection_operator,
-    _sirt_iterates_from_zero,
+    _sirt_iterates,
     _upsample_linear,
     coarse_sirt_correction,
     dose_weight,
@@ -328,20 +328,39 @@ def test_auto_adds_the_coarse_sirt_correction_where_it_helps(series_3e):
     assert r_auto >= lowpass_correlation(-same_count, phantom, lowpass_sigma_px=1.0) + 0.005
 
 
-def test_coarse_sirt_iterates_are_those_of_sirt_refine():
-    """The cross-validation's SIRT loop on a ``(z * x, y)`` matrix gives, at every count,
-    the volume :func:`sirt_refine` reaches from zero (same float32 operations: equal to
-    1e-6 of the largest value)."""
+def _sirt_reference(vol, proj, angles, *, n_iterations, z_offset_px):
+    """SIRT written with the public projector functions: x <- x + C B (R (p - B^T x))."""
+    nz, _, nx = vol.shape
+    rows = project_volume(np.ones((nz, 1, nx), np.float32), angles, n_detector_px=proj.shape[-1],
+                          z_offset_px=z_offset_px)
+    cols = backproject(np.ones((len(angles), 1, proj.shape[-1]), np.float32), angles, thickness_px=nz, width_px=nx,
+                       z_offset_px=z_offset_px)
+    inv_rows = np.where(rows > 1e-6, 1.0 / np.maximum(rows, 1e-6), 0.0).astype(np.float32)
+    inv_cols = np.where(cols > 1e-6, 1.0 / np.maximum(cols, 1e-6), 0.0).astype(np.float32)
+    vol = vol.astype(np.float32)
+    for _ in range(n_iterations):
+        residual = (proj - project_volume(vol, angles, n_detector_px=proj.shape[-1], z_offset_px=z_offset_px)) * inv_rows
+        vol += inv_cols * backproject(residual, angles, thickness_px=nz, width_px=nx, z_offset_px=z_offset_px)
+    return vol
+
+
+def test_sirt_iterates_are_those_of_the_projector_pair():
+    """The SIRT loop on a ``(z * x, y)`` matrix (used by :func:`sirt_refine` and the
+    cross-validation) gives, at every count, the volume SIRT written with
+    :func:`project_volume` and :func:`backproject` reaches from zero (same float32
+    operations: equal to 1e-6 of the largest value); :func:`sirt_refine` is its last one."""
     rng = np.random.default_rng(0)
     angles = np.linspace(-60.0, 60.0, 21)
     proj = rng.standard_normal((21, 5, 24)).astype(np.float32)
     counts = [2, 5, 10, 40]
-    got = _sirt_iterates_from_zero(proj, angles, thickness_px=9, counts=counts, z_offset_px=0.7)
+    got = _sirt_iterates(np.zeros((9, 5, 24), np.float32), proj, angles, counts=counts, z_offset_px=0.7)
     vol, done = np.zeros((9, 5, 24), np.float32), 0
     for n, g in zip(counts, got):
-        vol = sirt_refine(vol, proj, angles, n_iterations=n - done, z_offset_px=0.7)
+        vol = _sirt_reference(vol, proj, angles, n_iterations=n - done, z_offset_px=0.7)
         done = n
         assert g.shape == vol.shape and np.abs(g - vol).max() <= 1e-6 * np.abs(vol).max()
+    np.testing.assert_array_equal(sirt_refine(np.zeros((9, 5, 24), np.float32), proj, angles, n_iterations=40,
+                                              z_offset_px=0.7), got[-1])
 
 
 def test_coarse_projection_operator_projects_the_upsampled_volume():

@@ -546,33 +546,33 @@ def _upsample_linear(volume, shape: tuple[int, ...], binnings: tuple[int, ...]):
     return out.astype(xp.float32)
 
 
-def _sirt_iterates_from_zero(projections_tyx, angles: np.ndarray, *, thickness_px: int, counts: list[int],
-                             z_offset_px: float) -> list:
-    """:func:`sirt_refine` from zero, the ``(z, y, x)`` volumes after each of the increasing ``counts``.
+def _sirt_iterates(volume_zyx, projections_tyx, angles: np.ndarray, *, counts: list[int],
+                   z_offset_px: float) -> list:
+    """SIRT updates of :func:`sirt_refine` from ``volume_zyx``: the volumes after each of the increasing ``counts``.
 
-    The same float32 updates as :func:`sirt_refine` (the same volumes, bit for bit), on
-    the volume kept as one ``(z * x, y)`` matrix so that each iteration is two sparse
-    products without the transposes and copies of :func:`backproject` and
-    :func:`project_volume` (the cross-validation runs up to 160 iterations on 16 coarse
-    rows, where those took a fifth of the time).
+    The volume is kept as one ``(z * x, y)`` matrix, so each iteration is two sparse
+    products with the projector's cached matrices, without the transposes and copies of
+    :func:`backproject` and :func:`project_volume` (the cross-validation runs up to 160
+    iterations on 16 coarse rows, where those took a fifth of the time).
     """
-    xp = get_array_module(projections_tyx)
+    xp = get_array_module(volume_zyx, projections_tyx)
     n_t, ny, nu = projections_tyx.shape
-    nz = int(thickness_px)
-    geometry = dict(n_detector_px=nu, shape_zx=(nz, nu), z_offset_px=z_offset_px, xp=xp)
+    nz, _, nx = volume_zyx.shape
+    geometry = dict(n_detector_px=nu, shape_zx=(nz, nx), z_offset_px=z_offset_px, xp=xp)
     back = backprojection_matrix(angles, **geometry)  # (z * x, t * u)
     forward = backprojection_matrix(angles, transpose=True, **geometry)
-    row_sums = forward @ xp.ones(nz * nu, dtype=xp.float32)
+    row_sums = forward @ xp.ones(nz * nx, dtype=xp.float32)
     col_sums = back @ xp.ones(n_t * nu, dtype=xp.float32)
     inv_rows = xp.where(row_sums > 1e-6, 1.0 / xp.maximum(row_sums, 1e-6), 0.0).astype(xp.float32)[:, None]
     inv_cols = xp.where(col_sums > 1e-6, 1.0 / xp.maximum(col_sums, 1e-6), 0.0).astype(xp.float32)[:, None]
     proj = xp.ascontiguousarray(xp.transpose(projections_tyx.astype(xp.float32), (0, 2, 1))).reshape(n_t * nu, ny)
-    vol, done, out = xp.zeros((nz * nu, ny), dtype=xp.float32), 0, []
+    vol = xp.ascontiguousarray(xp.transpose(volume_zyx.astype(xp.float32), (0, 2, 1))).reshape(nz * nx, ny)
+    done, out = 0, []
     for n in counts:
         for _ in range(n - done):
             vol += inv_cols * (back @ ((proj - forward @ vol) * inv_rows))
         done = n
-        out.append(xp.ascontiguousarray(xp.transpose(vol.reshape(nz, nu, ny), (0, 2, 1))))
+        out.append(xp.ascontiguousarray(xp.transpose(vol.reshape(nz, nx, ny), (0, 2, 1))))
     return out
 
 
@@ -584,7 +584,8 @@ def _coarse_sirt_differences(coarse_tyx, angles: np.ndarray, *, thickness_px: in
     z_off_c = z_offset_px / binning
     ny_c = coarse_tyx.shape[1]
     counts = [max(int(round(float(k))), 1) for k in n_iterations]
-    sirts = _sirt_iterates_from_zero(coarse_tyx, angles, thickness_px=nz_c, counts=counts, z_offset_px=z_off_c)
+    sirts = _sirt_iterates(xp.zeros((nz_c, ny_c, coarse_tyx.shape[2]), dtype=xp.float32), coarse_tyx, angles,
+                           counts=counts, z_offset_px=z_off_c)
     # the SIRT-like back-projections of every count in one back-projection (rows stacked)
     filtered = xp.concatenate([filter_projections(coarse_tyx, angles, thickness_px=nz_c, weighting=weighting,
                                                   sirt_like_iterations=n) for n in counts], axis=1)
@@ -914,22 +915,8 @@ def sirt_refine(
     .. [1] Gilbert, P. (1972). Iterative methods for the three-dimensional reconstruction
        of an object from projections. J. Theor. Biol. 36, 105-117.
     """
-    xp = get_array_module(volume_zyx, projections_tyx)
-    nz, ny, nx = volume_zyx.shape
-    ones_t = xp.ones((len(tilt_angles_deg), 1, projections_tyx.shape[-1]), dtype=xp.float32)
-    ones_v = xp.ones((nz, 1, nx), dtype=xp.float32)
-    rows = project_volume(ones_v, tilt_angles_deg, n_detector_px=projections_tyx.shape[-1], z_offset_px=z_offset_px)
-    cols = backproject(ones_t, tilt_angles_deg, thickness_px=nz, width_px=nx, z_offset_px=z_offset_px)
-    inv_rows = xp.where(rows > 1e-6, 1.0 / xp.maximum(rows, 1e-6), 0.0).astype(xp.float32)
-    inv_cols = xp.where(cols > 1e-6, 1.0 / xp.maximum(cols, 1e-6), 0.0).astype(xp.float32)
-    vol = volume_zyx.astype(xp.float32)
-    proj = projections_tyx.astype(xp.float32)
-    for _ in range(int(n_iterations)):
-        residual = (proj - project_volume(vol, tilt_angles_deg, n_detector_px=proj.shape[-1],
-                                          z_offset_px=z_offset_px)) * inv_rows
-        vol += inv_cols * backproject(residual, tilt_angles_deg, thickness_px=nz, width_px=nx,
-                                      z_offset_px=z_offset_px)
-    return vol
+    return _sirt_iterates(volume_zyx, projections_tyx, tilt_angles_deg, counts=[int(n_iterations)],
+                          z_offset_px=z_offset_px)[-1]
 
 
 def lowpass_correlation(volume_a: np.ndarray, volume_b: np.ndarray, *, lowpass_sigma_px: float = 1.0) -> float:
