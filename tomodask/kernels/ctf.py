@@ -69,7 +69,12 @@ from typing import Any
 import numpy as np
 
 from tomodask.backend import get_array_module, scipy_ndimage, to_numpy
-from tomodask.kernels.ctf_model import ctf_from_polar, electron_wavelength_angstrom
+from tomodask.kernels.ctf_model import (
+    astigmatism_components,
+    astigmatism_from_components,
+    ctf_from_polar,
+    electron_wavelength_angstrom,
+)
 from tomodask.kernels.geometry import local_defocus_angstrom
 
 #: Distance between neighbouring tiles as a fraction of the tile size.
@@ -453,11 +458,7 @@ phase_shift_deg, max_astigmatism_angstrom, fit_resolution_threshold, diagnostic_
     # 4. for each 1D candidate: background and envelope, isotropic 2D refinement; the one
     # whose model matches the most Thon-ring periods (up to its fit resolution) wins, the
     # 1D order deciding ties; the winner continues from its 1D values
-    if astigmatism_fixed is None:
-        hc0 = hs0 = 0.0
-    else:
-        half0, angle0 = 0.5 * float(astigmatism_fixed[0]), np.deg2rad(float(astigmatism_fixed[1]))
-        hc0, hs0 = half0 * np.cos(2 * angle0), half0 * np.sin(2 * angle0)
+    hc0, hs0 = (0.0, 0.0) if astigmatism_fixed is None else astigmatism_components(*astigmatism_fixed)
     astig_step = 0.0 if astigmatism_fixed is not None else 40.0
     best_rings = -np.inf
     for mean0, phase0 in candidates:
@@ -486,10 +487,8 @@ phase_shift_deg, max_astigmatism_angstrom, fit_resolution_threshold, diagnostic_
     params, score = _pattern_search(cells, optics, delta, background, contrast, params, steps, max_astigmatism_angstrom)
 
     mean, hc, hs, phase = (float(v) for v in params)
-    half = float(np.hypot(hc, hs))
-    angle = 0.5 * float(np.rad2deg(np.arctan2(hs, hc)))
-    if angle <= -90.0:
-        angle += 180.0
+    astigmatism, angle = astigmatism_from_components(hc, hs)
+    half = 0.5 * astigmatism
 
     # 7. EPA, fit resolution and diagnostics
     freq, epa_data, epa_model, corr = _equiphase_profile(

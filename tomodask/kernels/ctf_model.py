@@ -25,6 +25,24 @@ def electron_wavelength_angstrom(voltage_kv: float) -> float:
     return float(12.2642598 / np.sqrt(v * (1.0 + 0.978459e-6 * v)))
 
 
+def astigmatism_components(astigmatism_angstrom, angle_deg) -> tuple[np.ndarray, np.ndarray]:
+    """Astigmatism as the vector ``(U - V) / 2 * (cos 2a, sin 2a)`` in Å (numpy, broadcasting).
+
+    Linear in the lens' astigmatism, so a fit can step in it without a singularity at zero
+    and a mean of such vectors averages amounts and angles consistently across ±90°.
+    :func:`astigmatism_from_components` is the inverse.
+    """
+    half = 0.5 * np.asarray(astigmatism_angstrom, dtype=np.float64)
+    two_a = np.deg2rad(2.0 * np.asarray(angle_deg, dtype=np.float64))
+    return half * np.cos(two_a), half * np.sin(two_a)
+
+
+def astigmatism_from_components(hc: float, hs: float) -> tuple[float, float]:
+    """``(U - V in Å, angle of U in (-90, 90] degrees)`` of an :func:`astigmatism_components` vector."""
+    angle = 0.5 * float(np.rad2deg(np.arctan2(hs, hc)))
+    return 2.0 * float(np.hypot(hc, hs)), angle + 180.0 if angle <= -90.0 else angle
+
+
 def ctf_2d(
     shape_yx: tuple[int, int],
     *,

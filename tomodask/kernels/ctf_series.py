@@ -22,7 +22,11 @@ from typing import Any
 import numpy as np
 
 from tomodask.kernels.ctf import StripSpectra, estimate_ctf_from_spectra
-from tomodask.kernels.ctf_model import electron_wavelength_angstrom
+from tomodask.kernels.ctf_model import (
+    astigmatism_components,
+    astigmatism_from_components,
+    electron_wavelength_angstrom,
+)
 
 __all__ = ["SeriesCTF", "refine_series_ctf"]
 
@@ -144,10 +148,8 @@ def refine_series_ctf(
     if reference.sum() < min(MIN_REFERENCE_TILTS, finite.sum()):
         reference = np.zeros_like(finite)
         reference[np.argsort(rings)[::-1][: min(MIN_REFERENCE_TILTS, int(finite.sum()))]] = True
-    half, two_a = 0.5 * (u - v)[reference], np.deg2rad(2.0 * a[reference])
-    hc, hs = float(np.mean(half * np.cos(two_a))), float(np.mean(half * np.sin(two_a)))
-    astig = 2.0 * float(np.hypot(hc, hs))
-    astig_angle = 0.5 * float(np.rad2deg(np.arctan2(hs, hc)))
+    hc, hs = astigmatism_components((u - v)[reference], a[reference])
+    astig, astig_angle = astigmatism_from_components(float(np.mean(hc)), float(np.mean(hs)))
     reference_defocus = float(np.median(mean[reference]))
     out_u, out_v, out_a, out_res = u.copy(), v.copy(), a.copy(), res.copy()
     low = max(reference_defocus - float(defocus_window_angstrom), 0.0)
