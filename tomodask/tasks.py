@@ -74,12 +74,20 @@ def _group(zarr_path: str, path: str) -> zarr.Group:
     return root.require_group(path)
 
 
+def _write_strip_spectra(group: zarr.Group, spectra) -> None:
+    """Store a movie's ``StripSpectra`` as ``ctf_strip_spectra`` (read back by :class:`_StoredSpectra`)."""
+    write_array(group, "ctf_strip_spectra", spectra.sums, tile_size_px=spectra.tile_size_px,
+                strip_offsets_angstrom=spectra.strip_offsets_angstrom.tolist(),
+                strip_tiles=spectra.strip_tiles.tolist(), pixel_size_angstrom=spectra.pixel_size_angstrom,
+                resolution_range_angstrom=list(spectra.resolution_range_angstrom))
+
+
 class _StoredSpectra:
     """Strip spectra of a tilt-series' movies, read on access (``spectra[i]``).
 
-    Read from ``movies/<movie>/ctf_strip_spectra``; for movies processed before tomodask
-    stored them, computed from their stored ``aligned_sum`` (at its stored pixel size) with
-    the session's CTF settings.
+    Read from ``movies/<movie>/ctf_strip_spectra`` (:func:`_write_strip_spectra`); for movies
+    processed before tomodask stored them, computed from their stored ``aligned_sum`` (at its
+    stored pixel size) with the session's CTF settings.
     """
 
     def __init__(self, root: zarr.Group, movies: list[dict], s: SessionSettings, xp) -> None:
@@ -180,10 +188,7 @@ def process_movie(req: MovieRequest) -> dict:
     for name, arr in sums.items():
         write_array(g, name, arr, pixel_size_angstrom=out_px)
     write_array(g, "shifts_px", np.asarray(to_numpy(al.shifts_px), dtype=np.float32), pixel_size_angstrom=px)
-    write_array(g, "ctf_strip_spectra", spectra.sums, tile_size_px=spectra.tile_size_px,
-                strip_offsets_angstrom=spectra.strip_offsets_angstrom.tolist(),
-                strip_tiles=spectra.strip_tiles.tolist(), pixel_size_angstrom=spectra.pixel_size_angstrom,
-                resolution_range_angstrom=list(spectra.resolution_range_angstrom))
+    _write_strip_spectra(g, spectra)
     write_array(g, "ctf_spectrum", ctf.spectrum_yx,
                 max_frequency_per_angstrom=ctf.spectrum_max_frequency_per_angstrom)
     write_array(g, "ctf_profile", np.stack([ctf.profile_frequency_per_angstrom, ctf.profile_data,

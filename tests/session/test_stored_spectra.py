@@ -7,7 +7,7 @@ from zarr.storage import LocalStore
 from tomodask.kernels.ctf import estimate_ctf_from_spectra, strip_spectra
 from tomodask.settings import SessionSettings
 from tomodask.simulate import simulate_single_tilt
-from tomodask.tasks import _ctf_fit_options, _spectra_options, _StoredSpectra, write_array
+from tomodask.tasks import _ctf_fit_options, _spectra_options, _StoredSpectra, _write_strip_spectra, write_array
 
 
 def test_spectra_are_read_or_recomputed_from_the_aligned_sum(tmp_path):
@@ -22,11 +22,7 @@ def test_spectra_are_read_or_recomputed_from_the_aligned_sum(tmp_path):
     for name in ("new", "old"):  # "old": results written before the spectra were stored
         g = root.require_group(f"movies/{name}")
         write_array(g, "aligned_sum", image, pixel_size_angstrom=1.5)
-    g = root["movies/new"]
-    write_array(g, "ctf_strip_spectra", expected.sums, tile_size_px=expected.tile_size_px,
-                strip_offsets_angstrom=expected.strip_offsets_angstrom.tolist(),
-                strip_tiles=expected.strip_tiles.tolist(), pixel_size_angstrom=expected.pixel_size_angstrom,
-                resolution_range_angstrom=list(expected.resolution_range_angstrom))
+    _write_strip_spectra(root["movies/new"], expected)
     movies = [{"movie": name, "tilt_angle_deg": -30.0, "pixel_size_angstrom": 1.5} for name in ("new", "old")]
     stored = _StoredSpectra(zarr.open_group(LocalStore(str(tmp_path / "results.zarr")), mode="r"), movies, s, np)
     assert len(stored) == 2
