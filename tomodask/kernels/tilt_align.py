@@ -49,8 +49,13 @@ size (about 1/128 of the field of view):
    reprojection at their angle of the kept tilts (low-passed twice as much: a thick
    specimen's parallax between tilts 3° apart keeps only coarse detail); one whose clear
    peak confirms its position is kept again, the first that fails ends the walk.
-   Then the 3D-feature model measures the axis once more on the kept tilts only (the
-   global passes saw the excluded runs), taken beyond two standard errors.
+   A confident link to the wrong layer passes that check and the tilts beyond it follow
+   it: when the 3D-feature model of the kept tilts moves one of them by more than about
+   an alignment pixel, its corrections re-place the kept tilts, round after round (one
+   still that far off after the last round is excluded). Then the 3D-feature model
+   measures the axis once more on the kept tilts only (the global passes saw the
+   excluded runs), taken beyond sqrt(2) standard errors (where taking an unbiased
+   estimate starts to help more than it hurts).
 
 Shifts follow :mod:`tomodask.kernels.geometry`: *displacements* ``(dy, dx)`` of each
 image's content, in input pixels. :func:`apply_alignment` undoes them and rotates the
@@ -1388,6 +1393,8 @@ def align_tilt_series(
     min_link_relative_correlation: tuple[float, float] = (0.55, 0.75),
     recovery_tolerance_angstrom: float = 18.0,
     min_recovery_peak_ratio: float = 3.0,
+    max_feature_correction_angstrom: float = 12.0,
+    n_replacement_rounds: int = 4,
 ) -> TiltSeriesAlignment:
     """Align a tilt-series without fiducials (see the module docstring for the steps).
 
@@ -1460,6 +1467,15 @@ def align_tilt_series(
         lies within ``recovery_tolerance_angstrom`` of its shift and is at least
         ``min_recovery_peak_ratio`` times the next best is kept at its shift; the first
         one that fails ends the walk on its side.
+    max_feature_correction_angstrom, n_replacement_rounds
+        Without gold, after the link check and the recovery: when the 3D-feature model
+        of the kept tilts (:func:`refine_with_features`, unshrunk) moves one of them by
+        more than ``max_feature_correction_angstrom``, its corrections are applied to the
+        kept tilts and it is fitted again, up to ``n_replacement_rounds`` times, until
+        none moves by more than half that (a confident link to the wrong layer of a thick
+        specimen, and the tilts placed through it, are re-placed by the features). A
+        tilt still moved by more than ``max_feature_correction_angstrom`` after the last
+        round is reported as ``"alignment failed (...)"`` and excluded.
 
     Returns
     -------
@@ -1720,22 +1736,49 @@ def align_tilt_series(
         for i in recovered:
             del failed[i]
             ok[i] = True
+        # A confident wrong link (a clear peak on another layer of a thick specimen)
+        # passes the link check, and the tilts beyond it follow it, so their
+        # reprojections agree with them; the 3D-feature model of the kept tilts (features
+        # placed by all of them) sees such a run off. Its unshrunk corrections re-place the
+        # kept tilts, round after round, while one of them exceeds the tolerance (half of it
+        # after the first round); a tilt still beyond it after the last round is excluded.
+        kept = ok & ~np.isin(np.arange(n_t), list(failed))
+        idx = np.flatnonzero(kept)
+        tolerance_px = max_feature_correction_angstrom / px_b
+        replaced = False
+        for n in range(n_replacement_rounds + 1):
+            fit = final_model(idx)
+            size = np.hypot(*fit.shift_corrections_uv.T)
+            if fit.n_features < 3 or size.max() <= (tolerance_px if n == 0 else tolerance_px / 2):
+                break
+            if n == n_replacement_rounds:
+                for k in np.flatnonzero(size > tolerance_px):
+                    failed[int(idx[k])] = (f"{ALIGNMENT_FAILED} (the 3D-feature model still moves it by "
+                                           f"{size[k] * px_b:.0f} Å after {n} rounds of re-placement; no gold to "
+                                           "place it)")
+                break
+            shifts_b[idx] += matcher.to_raw(fit.shift_corrections_uv, axis)
+            fix_gauge(kept)
+            replaced = True
         # The global passes measured the axis with tilts since excluded (runs placed
-        # wrongly): once more on the kept tilts, taken beyond two standard errors.
+        # wrongly): once more on the kept tilts. Taken when it is more likely to help than
+        # to hurt: for an unbiased estimate c of an error e with standard error s, taking
+        # it leaves s^2 instead of e^2, and E[c^2] = e^2 + s^2, so beyond sqrt(2) s.
         kept = ok & ~np.isin(np.arange(n_t), list(failed))
         idx = np.flatnonzero(kept)
         fit = features(idx, shifts_b, axis, final_angles, fit_axis=True) if refine_tilt_axis else None
-        turn = fit is not None and fit.n_features >= 3 and abs(fit.axis_correction_deg) > 2 * fit.axis_standard_error_deg
+        turn = (fit is not None and fit.n_features >= 3
+                and abs(fit.axis_correction_deg) > np.sqrt(2.0) * fit.axis_standard_error_deg)
         if turn:
             axis += float(np.clip(fit.axis_correction_deg, -1.0, 1.0))
             shifts_b[idx] += matcher.to_raw(fit.shift_corrections_uv, axis)
             fix_gauge(kept)
-        if recovered or turn:
+        if recovered or turn or replaced:
             update, c, _ = matcher.measure(idx, shifts_b, axis, final_angles)
-            redo = np.isin(idx, recovered) | turn
+            redo = np.isin(idx, recovered) | turn | replaced
             ncc[idx[redo]] = c[redo]
             residual_b[idx[redo]] = np.hypot(update[redo, 0], update[redo, 1])
-        if turn:
+        if turn or replaced:
             model_residuals(idx, final_model(idx))
     for i, why in failed.items():
         reasons[i] = why
