@@ -9,6 +9,7 @@ Errors propagate: the future fails and carries its exception to the session.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,20 +181,25 @@ def process_movie(req: MovieRequest) -> dict:
         shape = (int(round(ny * px / out_px)) // 2 * 2, int(round(nx * px / out_px)) // 2 * 2)
         sums = {k: fourier_crop(v, shape) for k, v in sums.items()}
         out_px = px * ny / shape[0]
-    spectra = strip_spectra(al.aligned_sum, tilt_angle_deg=req.tilt_angle_deg,
-                            **_spectra_options(s, pixel_size_angstrom=px, shape_yx=al.aligned_sum.shape))
-    ctf = estimate_ctf_from_spectra(spectra, **_ctf_fit_options(s))
-    t_ctf = time.perf_counter()
     g = _group(req.zarr_path, f"movies/{req.movie}")
-    for name, arr in sums.items():
-        write_array(g, name, arr, pixel_size_angstrom=out_px)
-    write_array(g, "shifts_px", np.asarray(to_numpy(al.shifts_px), dtype=np.float32), pixel_size_angstrom=px)
+    host = {name: to_numpy(arr) for name, arr in sums.items()}
+    host["shifts_px"] = np.asarray(to_numpy(al.shifts_px), dtype=np.float32)
+    # the sums are compressed and written in threads while the CTF is estimated (on the GPU when there is one)
+    with ThreadPoolExecutor(max_workers=len(host)) as writers:
+        written = [writers.submit(write_array, g, name, arr, pixel_size_angstrom=px if name == "shifts_px" else out_px)
+                   for name, arr in host.items()]
+        spectra = strip_spectra(al.aligned_sum, tilt_angle_deg=req.tilt_angle_deg,
+                                **_spectra_options(s, pixel_size_angstrom=px, shape_yx=al.aligned_sum.shape))
+        ctf = estimate_ctf_from_spectra(spectra, **_ctf_fit_options(s))
+        t_ctf = time.perf_counter()
+        for w in written:
+            w.result()
     _write_strip_spectra(g, spectra)
     write_array(g, "ctf_spectrum", ctf.spectrum_yx,
                 max_frequency_per_angstrom=ctf.spectrum_max_frequency_per_angstrom)
     write_array(g, "ctf_profile", np.stack([ctf.profile_frequency_per_angstrom, ctf.profile_data,
                                             ctf.profile_model]).astype(np.float32))
-    image = to_numpy(al.aligned_sum)
+    image = host["aligned_sum"] if out_px == px else to_numpy(al.aligned_sum)
     return {
         "movie": req.movie,
         "tilt_series": req.tilt_series,

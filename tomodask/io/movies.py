@@ -40,7 +40,8 @@ def read_movie(path: str | Path, *, threads: int | None = None, eer_frames_per_f
         ``.tif``/``.tiff`` (any tifffile codec, e.g. LZW; pages read in parallel threads),
         ``.mrc``/``.mrcs`` stack, or ``.eer`` (decoded by imagecodecs).
     threads
-        Decoder threads for TIFF and EER (default: up to 4).
+        Decoder threads for TIFF and EER (default: one per CPU, at most 16; pages or
+        strips decode in parallel, the decoders release the GIL).
     eer_frames_per_fraction
         For EER, sum this many raw frames into one output frame.
 
@@ -56,7 +57,7 @@ def read_movie(path: str | Path, *, threads: int | None = None, eer_frames_per_f
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    threads = threads or min(4, os.cpu_count() or 1)
+    threads = threads or min(16, os.cpu_count() or 1)
     if suffix not in MOVIE_SUFFIXES:
         raise MovieReadError(
             f"{path}: unsupported movie format {suffix!r}; accepted: {', '.join(MOVIE_SUFFIXES)}"
