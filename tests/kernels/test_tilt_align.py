@@ -250,6 +250,20 @@ def test_no_gold_confident_wrong_link_re_placed_by_the_features(no_gold):
         assert np.isfinite(res.correlation[i]) and res.residual_px[i] < 2.0
 
 
+def test_no_gold_wrong_link_excluded_when_not_re_placed(no_gold):
+    # The same series with no re-placement round: the feature model's verdict on the
+    # +51/+54 run (moved by more than 12 A) is reported as a failure instead.
+    ts, _ = no_gold
+    res = align_tilt_series(ts.images, ts.nominal_tilt_angles_deg, pixel_size_angstrom=6.0,
+                            tilt_axis_angle_deg=TRUE_AXIS_DEG + 3.0, specimen_thickness_angstrom=2250.0,
+                            n_replacement_rounds=0)
+    err = gauge_free_error_px(res, ts)
+    flagged = [i for i, why in enumerate(res.exclusion_reason) if "3D-feature model still moves it" in why]
+    assert sorted(np.round(ts.nominal_tilt_angles_deg[flagged])) == [51.0, 54.0]
+    kept = ~res.excluded
+    assert err[kept].max() < 2.0
+
+
 def test_no_gold_excluded_tilt_kept_when_the_reprojection_confirms_it(no_gold):
     # Seed 0: the -48 degree tilt's link to -45 is weak, so the link check excludes it and
     # the run beyond it; the reprojection of the kept tilts confirms -48 (0.3 px off) but
