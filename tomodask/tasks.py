@@ -22,7 +22,8 @@ from tomodask.backend import default_array_module, to_device, to_numpy
 from tomodask.io.movies import read_gain_reference, read_movie
 from tomodask.settings import SessionSettings
 
-COMPRESSORS = (BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),)
+#: Noisy float32 images compress ~1.2x with any codec; lz4 writes 3x faster than zstd at the same ratio.
+COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),)
 
 
 @dataclass(frozen=True)
@@ -266,7 +267,9 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
     root = zarr.open_group(LocalStore(req.zarr_path), mode="r")
     xp = default_array_module()
     sums = "dose_weighted_sum" if s.processing.frame_alignment.dose_weighting else "aligned_sum"
-    stack = xp.stack([to_device(root[f"movies/{m['movie']}/{sums}"][...], xp) for m in movies])
+    with ThreadPoolExecutor(max_workers=min(16, len(movies))) as readers:  # decompression releases the GIL
+        stack = xp.stack([to_device(a, xp) for a in readers.map(lambda m: root[f"movies/{m['movie']}/{sums}"][...],
+                                                                  movies)])
     angles = np.array([m["tilt_angle_deg"] for m in movies])
     px = float(movies[0]["pixel_size_angstrom"])
     axis_nominal = mic.tilt_axis_angle_deg
@@ -318,22 +321,27 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
     t_rec = time.perf_counter()
     tomo_np = to_numpy(tomo).astype(np.float32)
     Path(req.tomogram_dir).mkdir(parents=True, exist_ok=True)
-    write_ome_zarr(Path(req.tomogram_dir) / f"{req.tilt_series}.ome.zarr", tomo_np, pixel_size_angstrom=rec_px)
-    write_mrc(Path(req.tomogram_dir) / f"{req.tilt_series}.mrc", tomo_np, pixel_size_angstrom=rec_px)
-
     pk = p.picking
     picks = None
-    if pk.enabled:
-        template = None
-        if pk.method == "template":
-            from tomodask.io.mrc import read_mrc
+    with ThreadPoolExecutor(max_workers=2) as writers:  # the tomogram files are written while particles are picked
+        files = [writers.submit(write_ome_zarr, Path(req.tomogram_dir) / f"{req.tilt_series}.ome.zarr", tomo_np,
+                                pixel_size_angstrom=rec_px),
+                 writers.submit(write_mrc, Path(req.tomogram_dir) / f"{req.tilt_series}.mrc", tomo_np,
+                                pixel_size_angstrom=rec_px)]
+        if pk.enabled:
+            template = None
+            if pk.method == "template":
+                from tomodask.io.mrc import read_mrc
 
-            template, _ = read_mrc(pk.template_path)
-        picks = pick_particles(tomo, pixel_size_angstrom=rec_px, particle_radius_angstrom=pk.particle_radius_angstrom,
-                               method=pk.method, min_distance_angstrom=pk.min_distance_angstrom,
-                               threshold=pk.threshold, template_zyx=template, angular_step_deg=pk.angular_step_deg,
-                               slab_mask=pk.mask_outside_slab)
-    t_pick = time.perf_counter()
+                template, _ = read_mrc(pk.template_path)
+            picks = pick_particles(tomo, pixel_size_angstrom=rec_px,
+                                   particle_radius_angstrom=pk.particle_radius_angstrom, method=pk.method,
+                                   min_distance_angstrom=pk.min_distance_angstrom, threshold=pk.threshold,
+                                   template_zyx=template, angular_step_deg=pk.angular_step_deg,
+                                   slab_mask=pk.mask_outside_slab)
+        t_pick = time.perf_counter()
+        for f in files:
+            f.result()
     thumbs = tomogram_thumbnails(tomo_np)
     g = _group(req.zarr_path, f"tilt_series/{req.tilt_series}")
     write_array(g, "aligned_stack", to_numpy(aligned), pixel_size_angstrom=rec_px)
