@@ -245,7 +245,8 @@ def series_rows(sim: dict, work: Path, name: str, repeats: int) -> list[dict]:
     true = np.asarray(sim["shifts_px"])[use] * SERIES_UPSAMPLING
     err = np.hypot(*((est - est.mean(0)) - (true - true.mean(0))).T) * SERIES_PIXEL_ANGSTROM / 16.0
     row = {"tool": "tomodask process_tilt_series", "step": "tilt-series", "case": name, "backend": m["backend"],
-           "seconds": seconds, "seconds_first_run": cold_s, "seconds_alignment": m["seconds_alignment"],
+           "seconds": seconds, "seconds_first_run": cold_s, "seconds_read": m["seconds_read"],
+           "seconds_alignment": m["seconds_alignment"],
            "seconds_ctf_refinement": m["seconds_ctf_refinement"], "seconds_reconstruction": m["seconds_reconstruction"],
            "seconds_storing_inputs": store_s, "n_tilts_used": m["n_tilts_used"],
            "tilt_axis_error_deg": abs(m["tilt_axis_angle_deg"] - TRUE_AXIS_DEG),
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         "movie": (["case", "backend", "seconds", "seconds_read", "seconds_motion", "seconds_ctf", "seconds_write",
                    "seconds_one_rfft2", "seconds_vs_one_rfft2", "shift_rmse_px", "defocus_error_angstrom"],
                   "process_movie (read + correct + align + CTF + write zarr), median seconds"),
-        "tilt-series": (["case", "backend", "seconds", "seconds_first_run", "seconds_alignment",
+        "tilt-series": (["case", "backend", "seconds", "seconds_first_run", "seconds_read", "seconds_alignment",
                          "seconds_ctf_refinement", "seconds_reconstruction", "tilt_axis_error_deg", "residual_px",
                          "n_tilts_used"],
                         "process_tilt_series (align + CTF refinement + reconstruct + write), median seconds"),

@@ -270,6 +270,7 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
     with ThreadPoolExecutor(max_workers=min(16, len(movies))) as readers:  # decompression releases the GIL
         stack = xp.stack([to_device(a, xp) for a in readers.map(lambda m: root[f"movies/{m['movie']}/{sums}"][...],
                                                                   movies)])
+    t_read = time.perf_counter()
     angles = np.array([m["tilt_angle_deg"] for m in movies])
     px = float(movies[0]["pixel_size_angstrom"])
     axis_nominal = mic.tilt_axis_angle_deg
@@ -389,7 +390,8 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
         "ctf_series_astigmatism_angstrom": series_ctf.astigmatism_angstrom,
         "ctf_series_astigmatism_angle_deg": series_ctf.astigmatism_angle_deg_series,
         "ctf_reference_defocus_angstrom": series_ctf.reference_defocus_angstrom,
-        "seconds_alignment": t_align - t0,
+        "seconds_read": t_read - t0,
+        "seconds_alignment": t_align - t_read,
         "seconds_ctf_refinement": t_ctf - t_align,
         "seconds_reconstruction": t_rec - t_ctf,
         "seconds_picking": t_pick - t_rec,
