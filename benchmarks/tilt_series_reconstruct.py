@@ -11,8 +11,8 @@ protein is positive like the phantom's phase density.
 Tools
     tomodask WBP / SIRT-like: :func:`tomodask.kernels.reconstruct.reconstruct_tomogram`,
     all y slices at once ("auto": cross-validated SIRT-like iterations, with the
-    coarse-grid SIRT correction where the cross-validation takes it; "no coarse SIRT":
-    the filter alone). astra FBP (ram-lak), SIRT and SART with the ``linear`` 2D
+    coarse-grid SIRT correction where the cross-validation takes it and its
+    missing-wedge part always; "no coarse SIRT": the filter alone). astra FBP (ram-lak), SIRT and SART with the ``linear`` 2D
     projector on the CPU, slice by slice along the tilt axis. torch-tomogram
     (Fourier-space back-projection of sub-volumes), CPU.
 
