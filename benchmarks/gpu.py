@@ -26,7 +26,7 @@ Tilt-series
 
 Run::
 
-    python benchmarks/gpu.py [--quick] [--json OUT.json] [--repeats N] [--steps movie,tilt-series]
+    python benchmarks/gpu.py [--quick] [--json OUT.json] [--repeats N] [--steps movie,tilt-series] [--case TEXT]
 
 ``--quick``: a 1024² x 10 movie and a 1024² series (simulated at 256²); without it a
 4096² x 40 movie, a 5760 x 4092 x 10 (K3) movie and a 4096² series (simulated at 1024²).
@@ -262,11 +262,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each input (median kept)")
     parser.add_argument("--steps", default="movie,tilt-series", help="comma-separated: movie, tilt-series")
+    parser.add_argument("--case", default="", help="only the movies whose name contains this text (e.g. K3)")
     args = parser.parse_args(argv)
     steps = set(args.steps.split(","))
     if steps - {"movie", "tilt-series"}:
         parser.error(f"unknown steps {sorted(steps - {'movie', 'tilt-series'})}; choose from movie, tilt-series")
-    cases = [c for c in MOVIE_CASES if c.quick == args.quick and "movie" in steps]
+    cases = [c for c in MOVIE_CASES if c.quick == args.quick and "movie" in steps and args.case in c.name]
     series_px = SERIES_PIXEL_ANGSTROM * SERIES_UPSAMPLING
     series_shape = (256, 256) if args.quick else (1024, 1024)
     series_name = f"{series_shape[0] * SERIES_UPSAMPLING}² x 41 tilts at {SERIES_PIXEL_ANGSTROM} Å/px"
