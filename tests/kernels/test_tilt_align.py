@@ -17,6 +17,7 @@ from tomodask.kernels.tilt_align import (
     TiltSeriesAlignment,
     align_tilt_series,
     apply_alignment,
+    gauge_free_shift_error_px,
     specimen_geometry,
 )
 from tomodask.kernels.tilt_exclusion import find_bad_tilts, ice_slab_from_intensity
@@ -98,6 +99,29 @@ def tiny_pretilted():
                                tilt_axis_angle_deg=TRUE_AXIS_DEG + 2.0, alignment_pixel_size_angstrom=7.5,
                                specimen_thickness_angstrom=1500.0)
     return ts, result
+
+
+@pytest.fixture(scope="module")
+def wide_field():
+    # Seed 0 in a 2048 A field (256^2 at 8 A, aligned at 16 A), nominal axis 3 degrees
+    # off. The beads of the two surfaces (1400 A apart) cross near +30 degrees: the
+    # correlation chain locks onto the other layer there, and every tilt beyond follows it
+    # (up to 64 px off at +60 degrees, consistent with its neighbours).
+    ts = simulate_tilt_series(0, shape_yx=(256, 256), pixel_size_angstrom=8.0, tilt_axis_angle_deg=TRUE_AXIS_DEG)
+    result = align_tilt_series(ts.images, ts.nominal_tilt_angles_deg, pixel_size_angstrom=8.0,
+                               tilt_axis_angle_deg=TRUE_AXIS_DEG + 3.0, alignment_pixel_size_angstrom=16.0)
+    return ts, result
+
+
+def test_wide_field_chain_on_the_other_bead_layer_re_placed_by_the_beads(wide_field):
+    ts, res = wide_field
+    assert not res.excluded.any(), [r for r in res.exclusion_reason if r]
+    gauge_free = gauge_free_shift_error_px(res.shifts_px, ts.shifts_px, ts.tilt_angles_deg,
+                                           tilt_axis_angle_deg=TRUE_AXIS_DEG) / 2.0
+    assert gauge_free.max() <= 1.0, gauge_free
+    assert abs(res.tilt_axis_angle_deg - TRUE_AXIS_DEG) < 0.2
+    assert abs(height_error_angstrom(res, ts)) < 50.0
+    assert res.centring_method == "gold on both surfaces"
 
 
 def test_tiny_preset_with_pre_tilt(tiny_pretilted):

@@ -31,7 +31,17 @@ size (about 1/128 of the field of view):
    through the tilts and fitted, like IMOD ``tiltalign``'s fiducials, with a shift per
    tilt, a position per feature and the axis. This corrects what neighbour correlations
    cannot see, e.g. a chain that follows gold on one side of the series and other
-   structure on the other.
+   structure on the other. It only looks a few pixels around each feature, so with gold
+   (found when the specimen was first centred) each tilt is then placed once more by the
+   beads alone (:func:`_feature_placements`): the reprojection of balls around the
+   strongest features of the reconstruction, searched as widely as the chain's links.
+   With gold on both surfaces of a thick specimen the chain can lock onto the other bead
+   layer where beads of the two layers cross (their separation across the axis changes
+   by ``dz (sin theta_i - sin theta_j)`` between tilts), and every tilt beyond follows
+   that layer, off by tens of pixels but consistent with its neighbours. Such tilts are
+   moved to where the beads put them, the tilts beyond take the move extrapolated in
+   ``sin(theta)``, and the passes run again; a tilt still far off after the last round
+   is excluded as ``"alignment failed (...)"``.
 6. **Specimen geometry** (:func:`specimen_geometry`). A thick reconstruction gives the
    specimen's mid-plane: halfway between gold beads on both surfaces (their heights from
    the parallax between opposite tilts); with beads on one surface, that surface (bead
@@ -1366,6 +1376,102 @@ def _confirmed_by_reprojection(matcher: _Matcher, corr: _Correlator, angles: np.
     return confirmed
 
 
+def _feature_placements(matcher: _Matcher, angles: np.ndarray, idx: np.ndarray, shifts: np.ndarray,
+                        axis_deg: float, *, radius_px: np.ndarray, n_features: int, min_strength: float,
+                        feature_radius_px: float):
+    """Where the strongest 3D features of the reconstruction put each of the tilts ``idx``.
+
+    The weighted back-projection of the tilts ``idx`` is masked to balls of
+    ``feature_radius_px`` around its ``n_features`` strongest features (those at least
+    ``min_strength`` times the strongest's structure energy) and reprojected at each
+    tilt's angle; each tilt is correlated with its reprojection within ``radius_px`` of
+    its shift.
+
+    Returns
+    -------
+    placements, ratio
+        ``(n, 2)`` displacements ``(dy, dx)`` and ``(n,)`` peak ratios.
+
+    Notes
+    -----
+    Gold beads make compact, strong features whose positions a reconstruction from all
+    tilts fixes in 3D, so the projection of the balls around them is right at every
+    angle, far tilts included, and a tilt placed far off (e.g. a correlation chain that
+    locked onto the other bead layer of a thick specimen) still finds the whole
+    constellation; a reprojection of the whole volume from the tilts on one side of a
+    tilt is weak and biased there, and the 3D-feature model only looks a few pixels
+    around each feature.
+    """
+    xp = matcher.xp
+    aligned = matcher.aligned(idx, shifts, axis_deg)
+    volume = _wbp(aligned, angles[idx], thickness_px=matcher.thickness_px)
+    feats, strength = _volume_features(volume, n_max=n_features, border_fraction=(0.05, 0.05))
+    feats = feats[strength >= min_strength * strength.max()] if len(strength) else feats
+    nz, ny, nx = volume.shape
+    grid = np.ogrid[:nz, :ny, :nx]
+    mask = np.zeros((nz, ny, nx), bool)
+    centre = (np.array([nz, ny, nx]) - 1) / 2
+    for f in feats + centre:
+        mask |= sum((g - c) ** 2 for g, c in zip(grid, f)) <= feature_radius_px**2
+    reproj = project_volume(volume * xp.asarray(mask), angles[idx], n_detector_px=matcher.shape[1])
+    rotated = apply_alignment(matcher.binned[idx], shifts_px=np.zeros((len(idx), 2)), tilt_axis_angle_deg=axis_deg,
+                              order=1, fill="zero")
+    rot = _rot_xy(axis_deg)
+    centres = (shifts[idx][:, ::-1] @ rot)[:, ::-1]
+    d, _, r = matcher.corr.match(matcher.corr.prepare(rotated), matcher.corr.prepare(reproj), centres_yx=centres,
+                                 radii_px=radius_px[idx])
+    return (d[:, ::-1] @ rot.T)[:, ::-1], r
+
+
+def _outer_runs(off: np.ndarray, agree: np.ndarray, nominal: np.ndarray) -> np.ndarray:
+    """The tilts of ``off`` that start or lie in an outer run of their side of 0°.
+
+    ``(n,)`` bool, bool and nominal angles of tilts sorted by angle. On each side, the
+    tilts of ``off`` from the first one outwards, when no tilt beyond it is in ``agree``:
+    the signature of a correlation chain gone wrong at one link (an isolated tilt off
+    between agreeing ones is more likely a wrong placement by the features).
+    """
+    out = np.zeros(len(off), bool)
+    start = int(np.argmin(np.abs(nominal)))
+    for side in (np.arange(start, -1, -1), np.arange(start, len(off))):
+        first = np.flatnonzero(off[side])
+        if len(first) and not agree[side[first[0]:]].any():
+            out[side[first[0]:]] = off[side[first[0]:]]
+    return out
+
+
+def _carried_outwards(shifts: np.ndarray, placement: np.ndarray, moved: np.ndarray, agree: np.ndarray,
+                      sin_t: np.ndarray, nominal: np.ndarray) -> np.ndarray:
+    """Move the tilts ``moved`` to their ``placement`` and carry the moves outwards.
+
+    ``(n, 2)`` shifts, placements and ``(n,)`` bool, bool, ``sin(theta)`` and nominal
+    angles of tilts sorted by angle. A tilt neither moved nor in ``agree`` (placed where
+    its own placement puts it) that lies beyond a moved one on its side of 0° (placed
+    through it by the correlation chain) takes the move extrapolated from the last two
+    moved tilts before it, linear in ``sin(theta)`` (the form of a chain that follows
+    another layer of a thick specimen), or the last one's move; a tilt in ``agree`` ends
+    the run.
+    """
+    out = shifts.copy()
+    out[moved] = placement[moved]
+    delta = placement - shifts
+    start = int(np.argmin(np.abs(nominal)))
+    for side in (np.arange(start, -1, -1), np.arange(start, len(shifts))):
+        seen: list[int] = []
+        for i in side:
+            if moved[i]:
+                seen.append(int(i))
+            elif agree[i]:
+                seen = []
+            elif seen:
+                if len(seen) >= 2 and abs(sin_t[seen[-1]] - sin_t[seen[-2]]) > 1e-3:
+                    j, k = seen[-2], seen[-1]
+                    out[i] = shifts[i] + delta[k] + (delta[k] - delta[j]) * (sin_t[i] - sin_t[k]) / (sin_t[k] - sin_t[j])
+                else:
+                    out[i] = shifts[i] + delta[seen[-1]]
+    return out
+
+
 def align_tilt_series(
     images_tyx: np.ndarray,
     tilt_angles_deg: np.ndarray,
@@ -1395,6 +1501,9 @@ def align_tilt_series(
     min_recovery_peak_ratio: float = 3.0,
     max_feature_correction_angstrom: float = 12.0,
     n_replacement_rounds: int = 4,
+    max_feature_placement_offset_px: float = 3.0,
+    min_feature_placement_peak_ratio: float = 2.0,
+    n_feature_placement_rounds: int = 4,
 ) -> TiltSeriesAlignment:
     """Align a tilt-series without fiducials (see the module docstring for the steps).
 
@@ -1475,6 +1584,17 @@ def align_tilt_series(
         none moves by more than half that (a confident link to the wrong layer of a thick
         specimen, and the tilts placed through it, are re-placed by the features). A
         tilt still moved by more than ``max_feature_correction_angstrom`` after the last
+        round is reported as ``"alignment failed (...)"`` and excluded.
+    max_feature_placement_offset_px, min_feature_placement_peak_ratio, n_feature_placement_rounds
+        With gold (found when the specimen is first centred), after the global passes
+        each kept tilt is correlated with the reprojection, at its angle, of the balls
+        around the strongest features (beads) of the reconstruction
+        (:func:`_feature_placements`), searched as widely as the chain's links. A clear
+        peak (at least ``min_feature_placement_peak_ratio`` times the next best) more
+        than ``max_feature_placement_offset_px`` alignment pixels from the tilt's shift
+        re-places it there, and the tilts beyond it on its side take the move
+        extrapolated linearly in ``sin(theta)``; the global passes then run again, up to
+        ``n_feature_placement_rounds`` times. A tilt still that far off after the last
         round is reported as ``"alignment failed (...)"`` and excluded.
 
     Returns
@@ -1615,6 +1735,7 @@ def align_tilt_series(
         refined[i] = d[0]
     shifts_b = refined
     centre(np.flatnonzero(ok), slope=False)
+    gold_layers = geometry.method.startswith("gold")
 
     # Second chance for tilts the chain could not place: the reprojection, at their angle,
     # of all aligned tilts (which holds the parallax of a thick specimen) is the reference,
@@ -1650,16 +1771,50 @@ def align_tilt_series(
     # With the shifts now refined, the axis is measured once more in the same fit; a
     # correction beyond two standard errors is taken (the chain's shifts, made with
     # the axis still off, bias the first estimates low).
-    for _ in range(int(n_projection_matching_iterations)):
+    # With gold, the beads of the reconstruction place every tilt (step 5 of the module
+    # docstring): tilts far from where they put them are re-placed, with the tilts the
+    # chain placed through them, and the passes run again.
+    n_rounds = int(n_feature_placement_rounds) if gold_layers else 0
+    for n_round in range(1 + n_rounds):
+        for _ in range(int(n_projection_matching_iterations)):
+            idx = np.flatnonzero(ok)
+            fit = features(idx, shifts_b, axis, angles, fit_axis=refine_tilt_axis)
+            if fit.n_features < 3:
+                break
+            turn = fit.axis_correction_deg if abs(fit.axis_correction_deg) > 2 * fit.axis_standard_error_deg else 0.0
+            axis += float(np.clip(turn, -1.0, 1.0))
+            shifts_b[idx] += matcher.to_raw(fit.shift_corrections_uv, axis)
+            if np.abs(fit.shift_corrections_uv).max() < 0.1 and turn == 0.0:
+                break
+        if not gold_layers:
+            break
         idx = np.flatnonzero(ok)
-        fit = features(idx, shifts_b, axis, angles, fit_axis=refine_tilt_axis)
-        if fit.n_features < 3:
+        placement, ratio = _feature_placements(
+            matcher, angles, idx, shifts_b, axis, radius_px=_search_radius_px(angles, min(by_, bx_), max_shift_fraction),
+            n_features=10, min_strength=0.1, feature_radius_px=4.0)
+        far = np.hypot(*(placement - shifts_b[idx]).T)
+        agree = far <= max_feature_placement_offset_px
+        off = _outer_runs(~agree & (ratio >= min_feature_placement_peak_ratio), agree, nominal[idx])
+        # The beads judge only when the reconstruction holds them where the tilts near 0°
+        # and most others have them; else (alignment broken elsewhere) they are not used,
+        # and what the rounds did is undone.
+        core = np.abs(nominal[idx]) <= 15.0
+        if off[core].any() or off.sum() > len(idx) / 4:
+            if n_round > 0:
+                shifts_b, axis = before_rounds
             break
-        turn = fit.axis_correction_deg if abs(fit.axis_correction_deg) > 2 * fit.axis_standard_error_deg else 0.0
-        axis += float(np.clip(turn, -1.0, 1.0))
-        shifts_b[idx] += matcher.to_raw(fit.shift_corrections_uv, axis)
-        if np.abs(fit.shift_corrections_uv).max() < 0.1 and turn == 0.0:
+        if not off.any():
             break
+        if n_round == 0:
+            before_rounds = (shifts_b.copy(), axis)
+        if n_round < n_rounds:
+            shifts_b[idx] = _carried_outwards(shifts_b[idx], placement, off, agree, np.sin(np.deg2rad(angles[idx])),
+                                              nominal[idx])
+            continue
+        for k in np.flatnonzero(off):
+            failed[int(idx[k])] = (f"{ALIGNMENT_FAILED} (still {far[k] * px_b:.0f} Å from where the gold beads of "
+                                   f"the reconstruction put it after {n_round} re-placements)")
+            ok[idx[k]] = False
 
     offset = prior_offset
     if center_specimen:
