@@ -1775,6 +1775,7 @@ def align_tilt_series(
     # docstring): tilts far from where they put them are re-placed, with the tilts the
     # chain placed through them, and the passes run again.
     n_rounds = int(n_feature_placement_rounds) if gold_layers else 0
+    before_rounds = None  # shifts and axis after the first passes, restored when the beads are not used
     for n_round in range(1 + n_rounds):
         for _ in range(int(n_projection_matching_iterations)):
             idx = np.flatnonzero(ok)
@@ -1800,7 +1801,7 @@ def align_tilt_series(
         # and what the rounds did is undone.
         core = np.abs(nominal[idx]) <= 15.0
         if off[core].any() or off.sum() > len(idx) / 4:
-            if n_round > 0:
+            if before_rounds is not None:
                 shifts_b, axis = before_rounds
             break
         if not off.any():
