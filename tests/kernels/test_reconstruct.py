@@ -308,10 +308,11 @@ def test_coarse_sirt_correction_reproduces_real_sirt(series_3e):
 
 def test_auto_adds_the_coarse_sirt_correction_where_it_helps(series_3e):
     """Seed 0 at 3 e-/A2: the paired cross-validation test takes the correction (gain
-    3.9 standard errors of 32 samples, above the Student-t quantile 2.74) with twice the filter's iterations (k = 12.9, correction 25.7;
-    its missing-wedge part 51.4) and the whole volume scores r = 0.650, above every fixed
-    SIRT-like count (best 0.625 at 20) and the uncorrected "auto" (0.626), margin 0.012;
-    the correction with the filter's own count scores 0.635 (margin 0.005)."""
+    3.9 standard errors of 32 samples, above the Student-t quantile 2.74) with twice
+    the filter's iterations (k = 12.9, correction 25.7; its missing-wedge part 51.4) and
+    the whole volume scores r = 0.650, above every fixed SIRT-like count (best 0.625 at
+    20) and the uncorrected "auto" (0.626), margin 0.012; the correction with the
+    filter's own count scores 0.635 (margin 0.005)."""
     ts, phantom, nz = series_3e
     images = ts.images.astype(np.float32)
     stack = images / images.mean(axis=(1, 2), keepdims=True) - 1.0
