@@ -32,6 +32,9 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from zarr.storage import LocalStore
 
 NGFF_VERSION = "0.5"
+#: Compression of stored float32 images and volumes (here and in the task results): noisy float32
+#: compresses ~1.2x with any codec, and lz4 writes 3x faster than zstd at the same ratio.
+COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle),)
 AXES_ZYX = [{"name": n, "type": "space", "unit": "angstrom"} for n in ("z", "y", "x")]
 
 
@@ -139,7 +142,6 @@ def write_ome_zarr(
         raise ValueError(f"cannot make {n_levels} levels from a volume of shape {vol.shape}; use fewer levels")
     store = LocalStore(str(path))
     group = zarr.create_group(store=store, overwrite=overwrite)
-    codec = BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle)  # fast; float32 compresses ~1.2x anyway
     datasets = []
     level = vol
     for i in range(n_levels):
@@ -147,7 +149,7 @@ def write_ome_zarr(
             level = downsample_2x(level)
         chunks = tuple(min(c, n) for c, n in zip(chunks_zyx, level.shape))
         arr = group.create_array(str(i), shape=level.shape, chunks=chunks, dtype="float32",
-                                 compressors=[codec], dimension_names=("z", "y", "x"))
+                                 compressors=COMPRESSORS, dimension_names=("z", "y", "x"))
         arr[...] = level
         factor = 2.0**i
         datasets.append({
