@@ -6,8 +6,9 @@ Runs :func:`tomodask.tasks.process_movie` and :func:`tomodask.tasks.process_tilt
 with their errors against the simulator's truth.
 
 Movies
-    Simulated tilt movies (1.5 Å/px, 3 e-/Å², drifting Poisson frames with gain and
-    defects) written as LZW TIFF with a gain MRC, as SerialEM writes them. The time of
+    The first movie of each of ``benchmarks/movie.py``'s cases of 1024² and more (1.5 Å/px,
+    3 e-/Å², drifting Poisson frames with gain and defects), written as LZW TIFF with a gain
+    MRC, as SerialEM writes them. The time of
     ``process_movie`` includes reading and decoding the TIFF, gain and defect correction,
     frame alignment with local motion, dose weighting, even/odd sums, CTF estimation and
     writing every result to zarr: the whole task, as AreTomo3's ~1.1 s per K3 movie on an
@@ -42,7 +43,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -52,32 +52,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import benchmark_parser, print_table, write_json  # noqa: E402
+from movie import CASES as MOVIE_CASES  # noqa: E402
+from movie import PIXEL_ANGSTROM as MOVIE_PIXEL_ANGSTROM  # noqa: E402
+from movie import Case, simulate_tilt  # noqa: E402
 
 from tomodask.backend import default_array_module, to_device  # noqa: E402
 
-MOVIE_PIXEL_ANGSTROM = 1.5
 SERIES_PIXEL_ANGSTROM = 2.0
 SERIES_UPSAMPLING = 4
 TRUE_AXIS_DEG = 85.0
-
-
-@dataclass(frozen=True)
-class MovieCase:
-    """One simulated movie."""
-
-    name: str
-    shape_yx: tuple[int, int]
-    n_frames: int
-    tilt_deg: float
-    drift_px: float
-    quick: bool
-
-
-MOVIE_CASES = (
-    MovieCase("1024² x 10", (1024, 1024), 10, 30.0, 10.0, True),
-    MovieCase("4096² x 40", (4096, 4096), 40, 20.0, 15.0, False),
-    MovieCase("5760x4092 x 10 (K3)", (4092, 5760), 10, 40.0, 12.0, False),
-)
 
 
 def _sync(xp) -> None:
@@ -85,16 +68,12 @@ def _sync(xp) -> None:
         xp.cuda.Device().synchronize()
 
 
-def write_movie(case: MovieCase, folder: str, seed: int = 0) -> dict:
-    """Simulate one movie into ``folder`` (LZW TIFF + gain MRC); return its paths and truth."""
+def write_movie(case: Case, folder: str) -> dict:
+    """Simulate a case's first movie into ``folder`` (LZW TIFF + gain MRC); return its paths and truth."""
     from tomodask.io.mrc import write_mrc
-    from tomodask.simulate import simulate_single_tilt
     from tomodask.simulate.writer import encode_tiff_lzw
 
-    n_particles = min(int(20 * case.shape_yx[0] * case.shape_yx[1] / 512**2), 200)
-    tilt = simulate_single_tilt(seed=seed, shape_yx=case.shape_yx, pixel_size_angstrom=MOVIE_PIXEL_ANGSTROM,
-                                n_frames=case.n_frames, dose_e_per_angstrom2=3.0, tilt_angle_deg=case.tilt_deg,
-                                drift_total_px=case.drift_px, n_particles=n_particles)
+    tilt = simulate_tilt(case, case.seeds[0])
     stem = Path(folder) / f"movie_{case.shape_yx[0]}x{case.shape_yx[1]}x{case.n_frames}"
     Path(f"{stem}.tif").write_bytes(encode_tiff_lzw(tilt.frames))
     write_mrc(f"{stem}_gain.mrc", tilt.gain, pixel_size_angstrom=MOVIE_PIXEL_ANGSTROM)
@@ -128,7 +107,7 @@ def _settings(**processing):
     return s
 
 
-def movie_rows(sims: list[tuple[MovieCase, dict]], work: Path, repeats: int) -> list[dict]:
+def movie_rows(sims: list[tuple[Case, dict]], work: Path, repeats: int) -> list[dict]:
     """Time ``process_movie`` and one rfft2 over the frames for every simulated movie."""
     import zarr
 
@@ -141,7 +120,8 @@ def movie_rows(sims: list[tuple[MovieCase, dict]], work: Path, repeats: int) -> 
     for n, (case, sim) in enumerate(sims):
         req = MovieRequest(movie_path=sim["movie"], movie=f"m{n}", tilt_series="ts", gain_path=sim["gain"],
                            zarr_path=str(work / "movies.zarr"), tilt_angle_deg=case.tilt_deg, acquisition_index=0,
-                           dose_e_per_angstrom2=3.0, prior_dose_e_per_angstrom2=0.0, settings_json=settings_json)
+                           dose_e_per_angstrom2=case.dose_e_per_angstrom2, prior_dose_e_per_angstrom2=0.0,
+                           settings_json=settings_json)
         process_movie(req)  # warm-up: kernels compiled, plans cached, files in the page cache
         records = []
         for _ in range(repeats):
@@ -273,7 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     steps = set(args.steps.split(","))
     if steps - {"movie", "tilt-series"}:
         parser.error(f"unknown steps {sorted(steps - {'movie', 'tilt-series'})}; choose from movie, tilt-series")
-    cases = [c for c in MOVIE_CASES if c.quick == args.quick and "movie" in steps and args.case in c.name]
+    # the movie benchmark's cases of 1024² and more (benchmarks/movie.py)
+    cases = [c for c in MOVIE_CASES if min(c.shape_yx) >= 1024 and c.quick == args.quick and "movie" in steps
+             and args.case in c.name]
     series_px = SERIES_PIXEL_ANGSTROM * SERIES_UPSAMPLING
     series_shape = (256, 256) if args.quick else (1024, 1024)
     series_name = f"{series_shape[0] * SERIES_UPSAMPLING}² x 41 tilts at {SERIES_PIXEL_ANGSTROM} Å/px"

@@ -99,7 +99,7 @@ CASES = (
     Case("512² -60° 2 e/Å² drift 5 px (low dose)", (512, 512), -60.0, dose_e_per_angstrom2=2.0, drift_px=5.0),
     Case("1024² 30° 3 e/Å² drift 10 px", (1024, 1024), 30.0, drift_px=10.0, seeds=(0,)),
     Case("4096² 20° 40 frames drift 15 px", (4096, 4096), 20.0, n_frames=40, drift_px=15.0, seeds=(0,), quick=False),
-    Case("5760x4092 40° 10 frames drift 12 px", (4092, 5760), 40.0, drift_px=12.0, seeds=(0,), quick=False),
+    Case("5760x4092 (K3) 40° 10 frames drift 12 px", (4092, 5760), 40.0, drift_px=12.0, seeds=(0,), quick=False),
 )
 
 
@@ -110,13 +110,18 @@ class Movie:
     dose_per_frame: float
 
 
-def simulate(case: Case, seed: int) -> Movie:
-    """One movie of a case, corrected the way the movie task corrects it."""
+def simulate_tilt(case: Case, seed: int):
+    """One movie of a case as the camera records it (raw counts, gain, truth)."""
     n_particles = int(20 * case.shape_yx[0] * case.shape_yx[1] / 512**2)  # the simulator's density at 512²
-    tilt = simulate_single_tilt(seed=seed, shape_yx=case.shape_yx, pixel_size_angstrom=PIXEL_ANGSTROM,
+    return simulate_single_tilt(seed=seed, shape_yx=case.shape_yx, pixel_size_angstrom=PIXEL_ANGSTROM,
                                 n_frames=case.n_frames, dose_e_per_angstrom2=case.dose_e_per_angstrom2,
                                 tilt_angle_deg=case.tilt_deg, drift_total_px=case.drift_px,
                                 n_particles=min(n_particles, 200))
+
+
+def simulate(case: Case, seed: int) -> Movie:
+    """One movie of a case, corrected the way the movie task corrects it."""
+    tilt = simulate_tilt(case, seed)
     frames = apply_gain(tilt.frames, tilt.gain)
     frames = replace_defect_pixels(frames, find_defect_pixels(frames))
     return Movie(frames, np.asarray(tilt.truth.frame_shifts_px), case.dose_e_per_angstrom2 / case.n_frames)
