@@ -902,7 +902,11 @@ def reconstruct_tomogram(
         ``(t,)`` exposure accumulated before each tilt (plus half its own): weight each
         tilt by the exposure filter. None: no dose weighting.
     normalize
-        Turn each tilt into relative contrast ``I / mean(I) - 1`` first.
+        Turn each tilt into relative contrast ``I / mean(I) - 1`` first. False: use the
+        stack as given (already contrast, e.g. rows of whole images normalised as a
+        whole: the mean of a subset of rows is data, the projection of those rows'
+        density, and is kept, so every row's reconstruction is the same whether it is
+        reconstructed alone or with the others).
     invert_contrast
         Multiply the result by -1 (protein bright).
     z_offset_px
@@ -929,8 +933,6 @@ def reconstruct_tomogram(
     if normalize:
         mean = stack.mean(axis=(1, 2), keepdims=True)
         stack = stack / xp.where(mean == 0, 1.0, mean) - 1.0
-    else:
-        stack = stack - stack.mean(axis=(1, 2), keepdims=True)
     stack = stack.astype(xp.float32)
     if dose_e_per_angstrom2 is not None:
         stack = dose_weight(stack, _per_tilt(dose_e_per_angstrom2, n_t, "dose_e_per_angstrom2"),
