@@ -87,6 +87,36 @@ def test_point_projects_where_geometry_says(tilt_deg):
     assert proj.sum() == pytest.approx(1.0, abs=1e-6)
 
 
+def test_disc_projects_to_its_analytic_line_integrals():
+    """An off-centre disc (radius 20 px, area-sampled): below 0.15 cycles/pixel, where
+    the reconstructions carry their signal, every projection from -60 to 60 deg is within
+    1.5 % (relative L2) of the chords ``2 sqrt(r^2 - d^2)`` (measured 0.2-1.1 %, the same
+    as astra-toolbox's ``linear`` projector: 0.2-1.1 %); the mass is conserved within
+    0.1 %. (Above 0.3 cycles/pixel the voxel-driven footprint aliases at 45 deg, where
+    astra's ray-driven one does not; the reconstructions do not resolve that band.)"""
+    nz, nx, radius, sub = 64, 96, 20.0, 8
+    cz, cx = (nz - 1) / 2 + 5.0, (nx - 1) / 2 - 7.0
+    z = (np.arange(nz * sub) + 0.5) / sub - 0.5
+    x = (np.arange(nx * sub) + 0.5) / sub - 0.5
+    inside = (z[:, None] - cz) ** 2 + (x[None, :] - cx) ** 2 <= radius**2
+    disc = inside.reshape(nz, sub, nx, sub).mean(axis=(1, 3)).astype(np.float32)
+    angles = np.arange(-60.0, 61.0, 7.5)
+    proj = project_volume(disc[:, None, :], angles)[:, 0, :].astype(np.float64)
+    theta = np.deg2rad(angles)
+    centre_u = (cx - (nx - 1) / 2) * np.cos(theta) + (cz - (nz - 1) / 2) * np.sin(theta)
+    d = (np.arange(nx) - (nx - 1) / 2)[None, :] - centre_u[:, None]
+    chords = 2.0 * np.sqrt(np.clip(radius**2 - d**2, 0.0, None))
+    low = np.fft.rfftfreq(nx) <= 0.15
+
+    def lowpass(rows):
+        return np.fft.irfft(np.fft.rfft(rows, axis=1) * low, n=nx, axis=1)
+
+    error = np.linalg.norm(lowpass(proj) - lowpass(chords), axis=1) / np.linalg.norm(lowpass(chords), axis=1)
+    assert error.max() < 0.015
+    assert proj.sum(axis=1) == pytest.approx(np.full(len(angles), disc.sum()), rel=1e-5)
+    assert disc.sum() == pytest.approx(np.pi * radius**2, rel=1e-3)
+
+
 def test_noise_free_projections_reconstruct_to_the_phantom(series_3e):
     """Projections of the phantom itself (no CTF, no noise): r >= 0.75 (measured 0.79-0.83)."""
     ts, phantom, nz = series_3e
