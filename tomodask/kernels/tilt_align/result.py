@@ -1,0 +1,123 @@
+"""The result of :func:`tomodask.kernels.tilt_align.align_tilt_series`, and the per-tilt error
+of its shifts against a known truth once what no projection can fix is removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TiltSeriesAlignment:
+    """Result of :func:`~tomodask.kernels.tilt_align.align_tilt_series` (conventions: :mod:`tomodask.kernels.geometry`).
+
+    Attributes
+    ----------
+    shifts_px
+        ``(t, 2)`` displacements ``(dy, dx)`` of each tilt's content, input pixels (NaN
+        for tilts excluded before alignment). The rotation centre they imply is the
+        specimen's mid-plane (see ``specimen_z_offset_angstrom``).
+    tilt_axis_angle_deg
+        Refined tilt-axis angle, counter-clockwise from Y.
+    tilt_angles_deg
+        ``(t,)`` refined tilt angles: the given ones plus ``tilt_angle_offset_deg``.
+    tilt_angle_offset_deg
+        Offset added to the given angles so that the specimen slab is level (0 when not
+        estimated).
+    residual_px
+        ``(t,)`` after the final pass, how far (input pixels) each tilt still is from
+        the 3D-feature model of :func:`~tomodask.kernels.tilt_align.refine_with_features`: the correction a further
+        round would make (unshrunk) and the rms scatter of its features about the model,
+        added in quadrature (IMOD ``tiltalign``'s residual, for patches of structure);
+        for a tilt where no feature was measured, the distance to the correlation peak
+        with its leave-one-out reprojection. A consistency measure: it does not see
+        errors that keep the series consistent (e.g. a wrong specimen height). NaN for
+        excluded tilts.
+    correlation
+        ``(t,)`` normalised correlation of each tilt with its leave-one-out reprojection.
+    excluded
+        ``(t,)`` bool, True for tilts to leave out of reconstruction.
+    exclusion_reason
+        ``(t,)`` reasons (``""`` for kept tilts), see
+        :data:`tomodask.kernels.tilt_exclusion.EXCLUSION_REASONS`.
+    pixel_size_angstrom, alignment_pixel_size_angstrom
+        Input pixel size and the binned pixel size alignment worked at.
+    nominal_tilt_axis_angle_deg
+        The starting tilt-axis angle.
+    specimen_z_offset_angstrom
+        Height of the specimen's mid-plane above the rotation centre of the aligned
+        correlation chain, before centring (the shifts include the correction).
+    specimen_thickness_angstrom
+        Thickness of the specimen as the centring step saw it (NaN: unknown).
+    centring_method
+        How the mid-plane was found (:class:`~tomodask.kernels.tilt_align.SpecimenGeometry` ``method``; ``""`` when
+        centring was off).
+    specimen_z_uncertainty_angstrom
+        Standard error of the mid-plane (0 with gold, where it is a fraction of a voxel;
+        infinite when not found; NaN when centring was off).
+    centring_warning
+        Non-empty when the volume may not be centred on the specimen: the mid-plane was
+        not found (the rotation centre stays on the correlation chain's, the strongest
+        layer), or found from the structure alone with a standard error above
+        ``max_centring_uncertainty_angstrom``.
+    """
+
+    shifts_px: np.ndarray
+    tilt_axis_angle_deg: float
+    tilt_angles_deg: np.ndarray
+    tilt_angle_offset_deg: float
+    residual_px: np.ndarray
+    correlation: np.ndarray
+    excluded: np.ndarray
+    exclusion_reason: tuple[str, ...]
+    pixel_size_angstrom: float
+    alignment_pixel_size_angstrom: float
+    nominal_tilt_axis_angle_deg: float
+    specimen_z_offset_angstrom: float = 0.0
+    specimen_thickness_angstrom: float = float("nan")
+    centring_method: str = ""
+    specimen_z_uncertainty_angstrom: float = float("nan")
+    centring_warning: str = ""
+
+
+def gauge_free_shift_error_px(
+    shifts_px: np.ndarray,
+    truth_px: np.ndarray,
+    tilt_angles_deg: np.ndarray,
+    *,
+    tilt_axis_angle_deg: float,
+    use: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-tilt shift error once the parts no projection data can fix are removed.
+
+    Parameters
+    ----------
+    shifts_px, truth_px
+        ``(t, 2)`` estimated and true displacements ``(dy, dx)``.
+    tilt_angles_deg
+        ``(t,)`` true tilt angles.
+    tilt_axis_angle_deg
+        True tilt-axis angle.
+    use
+        ``(t,)`` bool, tilts to compare (default: all).
+
+    Returns
+    -------
+    ndarray
+        ``(n_used,)`` error lengths after a least-squares fit and removal of a common
+        translation and of ``z0 sin(theta)`` perpendicular to the axis (the height of the
+        rotation centre: changing it only moves the tomogram along z).
+    """
+    d = np.asarray(shifts_px, dtype=np.float64) - np.asarray(truth_px, dtype=np.float64)
+    n = len(d)
+    use = np.ones(n, bool) if use is None else np.asarray(use, bool)
+    a = np.deg2rad(tilt_axis_angle_deg)
+    u_hat = np.array([np.sin(a), np.cos(a)])
+    design = np.stack([np.tile([1.0, 0.0], n), np.tile([0.0, 1.0], n),
+                       (np.sin(np.deg2rad(tilt_angles_deg))[:, None] * u_hat).ravel()], axis=1)
+    rows = np.repeat(use, 2)
+    coef, *_ = np.linalg.lstsq(design[rows], d.ravel()[rows], rcond=None)
+    r = (d.ravel() - design @ coef).reshape(n, 2)
+    return np.hypot(r[:, 0], r[:, 1])[use]
