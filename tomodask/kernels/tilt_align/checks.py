@@ -10,8 +10,8 @@ import numpy as np
 from tomodask.kernels.projector import project_volume
 from tomodask.kernels.tilt_align.correlate import _Correlator, _stretched_reference
 from tomodask.kernels.tilt_align.features import _volume_features
-from tomodask.kernels.tilt_align.reprojection import _Matcher, _wbp
-from tomodask.kernels.tilt_align.warp import _rot_xy, apply_alignment
+from tomodask.kernels.tilt_align.reprojection import _Matcher
+from tomodask.kernels.tilt_align.warp import _rot_xy
 from tomodask.kernels.tilt_exclusion import ALIGNMENT_FAILED
 
 
@@ -85,10 +85,9 @@ def _confirmed_by_reprojection(matcher: _Matcher, corr: _Correlator, angles: np.
     for side in (-1, 1):
         for i in sorted((int(c) for c in candidates if (c - start) * side > 0), key=lambda c: abs(c - start)):
             ref = np.flatnonzero(core)
-            volume = _wbp(matcher.aligned(ref, shifts, axis_deg), angles[ref], thickness_px=matcher.thickness_px)
-            reproj = project_volume(volume, angles[[i]], n_detector_px=matcher.shape[1])
-            rotated = apply_alignment(matcher.binned[[i]], shifts_px=np.zeros((1, 2)), tilt_axis_angle_deg=axis_deg,
-                                      order=1, fill="zero")
+            reproj = project_volume(matcher.volume(ref, shifts, axis_deg, angles), angles[[i]],
+                                    n_detector_px=matcher.shape[1])
+            rotated = matcher.rotated([i], axis_deg)
             centre = (rot.T @ shifts[i][::-1])[::-1]
             d, _, r = corr.match(corr.prepare(rotated), corr.prepare(reproj), centres_yx=centre[None],
                                  radii_px=radius_px)
@@ -126,8 +125,7 @@ def _feature_placements(matcher: _Matcher, angles: np.ndarray, idx: np.ndarray, 
     around each feature.
     """
     xp = matcher.xp
-    aligned = matcher.aligned(idx, shifts, axis_deg)
-    volume = _wbp(aligned, angles[idx], thickness_px=matcher.thickness_px)
+    volume = matcher.volume(idx, shifts, axis_deg, angles)
     feats, strength = _volume_features(volume, n_max=n_features, border_fraction=(0.05, 0.05))
     feats = feats[strength >= min_strength * strength.max()] if len(strength) else feats
     nz, ny, nx = volume.shape
@@ -137,8 +135,7 @@ def _feature_placements(matcher: _Matcher, angles: np.ndarray, idx: np.ndarray, 
     for f in feats + centre:
         mask |= sum((g - c) ** 2 for g, c in zip(grid, f)) <= feature_radius_px**2
     reproj = project_volume(volume * xp.asarray(mask), angles[idx], n_detector_px=matcher.shape[1])
-    rotated = apply_alignment(matcher.binned[idx], shifts_px=np.zeros((len(idx), 2)), tilt_axis_angle_deg=axis_deg,
-                              order=1, fill="zero")
+    rotated = matcher.rotated(idx, axis_deg)
     rot = _rot_xy(axis_deg)
     centres = (shifts[idx][:, ::-1] @ rot)[:, ::-1]
     d, _, r = matcher.corr.match(matcher.corr.prepare(rotated), matcher.corr.prepare(reproj), centres_yx=centres,

@@ -4,6 +4,8 @@ in order.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from tomodask.backend import get_array_module, to_numpy
@@ -28,8 +30,8 @@ from tomodask.kernels.tilt_align.correlate import (
 from tomodask.kernels.tilt_align.features import FeatureFit, refine_with_features
 from tomodask.kernels.tilt_align.reprojection import _Matcher, _wbp
 from tomodask.kernels.tilt_align.result import TiltSeriesAlignment
-from tomodask.kernels.tilt_align.specimen import _centring_warning, specimen_geometry
-from tomodask.kernels.tilt_align.warp import _rot_xy, apply_alignment
+from tomodask.kernels.tilt_align.specimen import SpecimenGeometry, _centring_warning, specimen_geometry
+from tomodask.kernels.tilt_align.warp import _rot_xy
 from tomodask.kernels.tilt_exclusion import ALIGNMENT_FAILED, find_bad_tilts, ice_slab_from_intensity
 
 
@@ -167,6 +169,128 @@ def align_tilt_series(
     ValueError
         With fewer than three usable tilts, or mismatched per-tilt arrays.
     """
+    s = _prepared(images_tyx, tilt_angles_deg, pixel_size_angstrom=pixel_size_angstrom,
+                  tilt_axis_angle_deg=tilt_axis_angle_deg, alignment_pixel_size_angstrom=alignment_pixel_size_angstrom,
+                  specimen_thickness_angstrom=specimen_thickness_angstrom, motion_px=motion_px,
+                  ctf_fit_resolution_angstrom=ctf_fit_resolution_angstrom, user_excluded=user_excluded,
+                  estimate_tilt_angle_offset=estimate_tilt_angle_offset, lowpass_angstrom=lowpass_angstrom,
+                  highpass_angstrom=highpass_angstrom, ice_mean_free_path_angstrom=ice_mean_free_path_angstrom,
+                  max_shift_fraction=max_shift_fraction, min_peak_ratio=min_peak_ratio)
+    _coarse_shifts_and_axis(s, refine_tilt_axis=refine_tilt_axis, tilt_axis_search_deg=tilt_axis_search_deg)
+    _neighbour_pass(s)
+    _second_chance(s, min_relative_correlation=min_relative_correlation)
+    _global_passes(s, n_iterations=n_projection_matching_iterations, fit_axis=refine_tilt_axis,
+                   n_rounds=n_feature_placement_rounds, max_offset_px=max_feature_placement_offset_px,
+                   min_ratio=min_feature_placement_peak_ratio)
+    _centre_specimen(s, center_specimen=center_specimen, estimate_tilt_angle_offset=estimate_tilt_angle_offset)
+    _residuals_and_failures(s, min_relative_correlation=min_relative_correlation)
+    if s.geometry is None or not s.geometry.method.startswith("gold"):
+        recovered = _links_and_recovery(s, min_link_peak_ratio=min_link_peak_ratio,
+                                        min_link_relative_correlation=min_link_relative_correlation,
+                                        recovery_tolerance_angstrom=recovery_tolerance_angstrom,
+                                        min_recovery_peak_ratio=min_recovery_peak_ratio)
+        replaced = _replacement_rounds(s, max_correction_angstrom=max_feature_correction_angstrom,
+                                       n_rounds=n_replacement_rounds)
+        _final_axis(s, refine_tilt_axis=refine_tilt_axis, recovered=recovered, replaced=replaced)
+    return _assembled(s, pixel_size_angstrom=pixel_size_angstrom, tilt_axis_angle_deg=tilt_axis_angle_deg,
+                      max_centring_uncertainty_angstrom=max_centring_uncertainty_angstrom)
+
+
+# A prior on each tilt's correction too weak to shrink it: the 3D-feature model's own corrections.
+_UNSHRUNK_PRIOR_PX = 100.0
+
+
+@dataclass
+class _State:
+    """What the stages of :func:`align_tilt_series` share and update (lengths in alignment pixels).
+
+    Attributes
+    ----------
+    binned
+        ``(t, y, x)`` stack Fourier-binned to the alignment pixel size, zero-mean contrast
+        (zeros for the tilts excluded before alignment).
+    reasons
+        ``(t,)`` exclusion reasons (``""``: kept), updated with the failures at the end.
+    use
+        ``(t,)`` bool, tilts not excluded before alignment.
+    nominal, angles, sin_t
+        ``(t,)`` given tilt angles; the angles the stages work with (plus the offset that
+        levels the slab by its intensity); ``sin`` of the latter.
+    prior_offset
+        That offset (0 when not estimated).
+    bin_yx, px_b
+        Binning factors ``(y, x)`` and the alignment pixel size (Å).
+    lp_px, hp_px
+        Band-pass of the correlations.
+    nz, thick_nz, ice_px
+        Slab of the 3D-feature model and reprojections; slab of the centring; ice thickness
+        from the intensity (None: unknown).
+    max_shift_fraction, min_peak_ratio
+        The options of :func:`align_tilt_series` of that name.
+    matcher, coarse_corr
+        The leave-one-out matcher and the correlation chain's correlator.
+    axis
+        Current tilt-axis angle (degrees).
+    shifts_b, reliable, ok
+        ``(t, 2)`` current displacements ``(dy, dx)``; ``(t,)`` bool, tilts the chain placed
+        reliably; tilts aligned (not failed).
+    failed
+        ``{tilt: reason}``, tilts excluded as failed.
+    z_total_px, geometry, centring_model
+        Height the centring moved the rotation centre by, the last specimen geometry, and
+        ``(tilts, fit)`` of the 3D-feature model of the final centring (None before).
+    offset, final_angles
+        Tilt-angle offset and ``(t,)`` angles after centring.
+    ncc, residual_b
+        ``(t,)`` correlations with the leave-one-out reprojections and residuals.
+    """
+
+    binned: object
+    reasons: list[str]
+    use: np.ndarray
+    nominal: np.ndarray
+    angles: np.ndarray
+    sin_t: np.ndarray
+    prior_offset: float
+    bin_yx: np.ndarray
+    px_b: float
+    lp_px: float
+    hp_px: float
+    nz: int
+    thick_nz: int
+    ice_px: float | None
+    max_shift_fraction: tuple[float, float]
+    min_peak_ratio: float
+    matcher: _Matcher
+    coarse_corr: _Correlator
+    axis: float
+    shifts_b: np.ndarray | None = None
+    reliable: np.ndarray | None = None
+    ok: np.ndarray | None = None
+    failed: dict[int, str] = field(default_factory=dict)
+    z_total_px: float = 0.0
+    geometry: SpecimenGeometry | None = None
+    centring_model: tuple[np.ndarray, FeatureFit] | None = None
+    offset: float = 0.0
+    final_angles: np.ndarray | None = None
+    ncc: np.ndarray | None = None
+    residual_b: np.ndarray | None = None
+
+    def search_radius_px(self) -> np.ndarray:
+        """``(t,)`` radius of the chain's shift search at each tilt."""
+        return _search_radius_px(self.angles, min(self.binned.shape[1:]), self.max_shift_fraction)
+
+    def kept(self) -> np.ndarray:
+        """``(t,)`` bool, aligned tilts not (yet) excluded as failed."""
+        return self.ok & ~np.isin(np.arange(len(self.ok)), list(self.failed))
+
+
+def _prepared(images_tyx, tilt_angles_deg, *, pixel_size_angstrom: float, tilt_axis_angle_deg: float,
+              alignment_pixel_size_angstrom: float, specimen_thickness_angstrom: float, motion_px,
+              ctf_fit_resolution_angstrom, user_excluded: tuple[int, ...], estimate_tilt_angle_offset: bool,
+              lowpass_angstrom: float, highpass_angstrom: float, ice_mean_free_path_angstrom: float,
+              max_shift_fraction: tuple[float, float], min_peak_ratio: float) -> _State:
+    """Step 1: exclusion, the stack binned to the alignment pixel size, the slab from the intensity."""
     xp = get_array_module(images_tyx)
     n_t, ny, nx = images_tyx.shape
     angles = np.asarray(to_numpy(tilt_angles_deg), dtype=np.float64).ravel()
@@ -182,7 +306,6 @@ def align_tilt_series(
     # Bin to the alignment pixel size (even sizes; per-axis factors b = n / n_binned).
     factor = min(1.0, pixel_size_angstrom / alignment_pixel_size_angstrom)
     by_, bx_ = max(2, 2 * int(round(ny * factor / 2))), max(2, 2 * int(round(nx * factor / 2)))
-    bin_yx = np.array([ny / by_, nx / bx_])
     px_b = float(pixel_size_angstrom * nx / bx_)
     binned = xp.zeros((n_t, by_, bx_), dtype=xp.float32)
     for i in np.flatnonzero(use):
@@ -192,326 +315,408 @@ def align_tilt_series(
     nz = int(np.clip(round(specimen_thickness_angstrom / px_b), 16, 1.5 * max(by_, bx_))) // 2 * 2
     ice_angstrom, intensity_offset_deg = ice_slab_from_intensity(
         images_tyx, angles, usable=use, mean_free_path_angstrom=ice_mean_free_path_angstrom)
-    ice_px = ice_angstrom / px_b if np.isfinite(ice_angstrom) else None
     # Work with the angles that level the slab from the start (stretching and matching
     # are exact only with the true angles).
-    nominal = angles
     prior_offset = intensity_offset_deg if estimate_tilt_angle_offset and np.isfinite(intensity_offset_deg) else 0.0
-    angles = nominal + prior_offset
-    sin_t = np.sin(np.deg2rad(angles))
+    return _State(
+        binned=binned, reasons=reasons, use=use, nominal=angles, angles=angles + prior_offset,
+        sin_t=np.sin(np.deg2rad(angles + prior_offset)), prior_offset=prior_offset,
+        bin_yx=np.array([ny / by_, nx / bx_]), px_b=px_b, lp_px=lp_px, hp_px=hp_px, nz=nz,
+        thick_nz=int(min(2 * nz, 2 * max(by_, bx_))),
+        ice_px=ice_angstrom / px_b if np.isfinite(ice_angstrom) else None,
+        max_shift_fraction=max_shift_fraction, min_peak_ratio=min_peak_ratio,
+        matcher=_Matcher(binned, lowpass_px=lp_px, highpass_px=hp_px, thickness_px=nz),
+        coarse_corr=_Correlator((by_, bx_), lowpass_px=lp_px, highpass_px=hp_px, xp=xp,
+                                mask=_taper((by_, bx_), fraction=0.1, xp=xp)),
+        axis=float(tilt_axis_angle_deg))
 
-    # Coarse shifts; tilt axis by common lines, then by the 3D-feature model.
-    axis = float(tilt_axis_angle_deg)
-    coarse_corr = _Correlator((by_, bx_), lowpass_px=lp_px, highpass_px=hp_px, xp=xp,
-                              mask=_taper((by_, bx_), fraction=0.1, xp=xp))
-    matcher = _Matcher(binned, lowpass_px=lp_px, highpass_px=hp_px, thickness_px=nz)
-    thick_nz = int(min(2 * nz, 2 * max(by_, bx_)))
 
-    def coarse(axis_deg: float):
-        return coarse_align_shifts(binned, angles, tilt_axis_angle_deg=axis_deg, usable=use, lowpass_px=lp_px,
-                                   highpass_px=hp_px, max_shift_fraction=max_shift_fraction,
-                                   min_peak_ratio=min_peak_ratio)
+def _model(s: _State, idx: np.ndarray, angles: np.ndarray, *, fit_axis: bool, aligned=None, **options) -> FeatureFit:
+    """The 3D-feature model (:func:`refine_with_features`) of the tilts ``idx`` at ``angles[idx]``.
 
-    def features(idx: np.ndarray, shifts: np.ndarray, axis_deg: float, angles_used: np.ndarray,
-                 *, fit_axis: bool) -> FeatureFit:
-        aligned = matcher.aligned(idx, shifts, axis_deg)
-        return refine_with_features(aligned, angles_used[idx], _wbp(aligned, angles_used[idx], thickness_px=nz),
-                                    fit_axis=fit_axis)
+    ``aligned``: those tilts already aligned with the current shifts and axis.
+    """
+    if aligned is None:
+        aligned = s.matcher.aligned(idx, s.shifts_b, s.axis)
+    return refine_with_features(aligned, angles[idx], _wbp(aligned, angles[idx], thickness_px=s.nz),
+                                fit_axis=fit_axis, **options)
 
-    z_total_px = 0.0
-    geometry = None
-    model_fits: list[tuple[np.ndarray, FeatureFit]] = []
 
-    def centre(idx: np.ndarray, *, slope: bool, parallax: bool = False) -> None:
-        # Correlation follows the strongest layer: move the rotation centre to the mid-plane.
-        nonlocal shifts_b, z_total_px, geometry
-        aligned = matcher.aligned(idx, shifts_b, axis)
-        volume = _wbp(aligned, angles[idx], thickness_px=thick_nz)
-        known = 0.0 if slope and prior_offset != 0.0 else None
-        k0 = int(np.argmin(np.abs(angles[idx])))
-        found = None
-        if parallax:
-            fit = refine_with_features(aligned, angles[idx], _wbp(aligned, angles[idx], thickness_px=nz),
-                                       fit_axis=False, shift_prior_px=100.0)
-            found = (fit.positions_zyx, fit.strength) if len(fit.strength) >= 10 else None
-            model_fits.append((idx, fit))
-        geometry = specimen_geometry(volume, thickness_px=ice_px, estimate_slope=slope, slope_deg=known,
-                                     image_yx=aligned[k0], image_tilt_angle_deg=float(angles[idx][k0]),
-                                     features=found)
-        z_total_px += geometry.z_center_px
-        a = np.deg2rad(axis)
-        shifts_b = shifts_b + geometry.z_center_px * sin_t[:, None] * np.array([np.sin(a), np.cos(a)])[None, :]
+def _final_model(s: _State, idx: np.ndarray) -> FeatureFit:
+    """The unshrunk 3D-feature model of the tilts ``idx`` at the final angles, axis kept."""
+    return _model(s, idx, s.final_angles, fit_axis=False, shift_prior_px=_UNSHRUNK_PRIOR_PX)
 
-    shifts_b, coarse_ncc, _, reliable = coarse(axis)
-    if refine_tilt_axis:
-        if tilt_axis_search_deg > 0:
-            ok = use & reliable
-            axis, _ = refine_tilt_axis_angle(binned[ok], shifts_px=shifts_b[ok], tilt_axis_angle_deg=axis,
-                                             search_range_deg=tilt_axis_search_deg, step_deg=1.0)
-            shifts_b, coarse_ncc, _, reliable = coarse(axis)
-        # The feature model needs the specimen inside its slab: centre first. Coarse shifts
-        # are redone (and centred) whenever the axis has moved much since they were made.
-        idx = np.flatnonzero(use & reliable)
-        centre(idx, slope=False)
-        axis_coarse = axis
-        # The measured correction c(axis) falls with a slope (gain) below 1 when far off:
-        # secant steps with the gain estimated from the last two.
-        gain, last = 0.6, None
-        for n in range(8):
-            fit = features(idx, shifts_b, axis, angles, fit_axis=True)
-            if fit.n_features < 3:
-                break
-            c = float(fit.axis_correction_deg)
-            if last is not None and abs(axis - last[0]) > 0.1:
-                gain = float(np.clip((last[1] - c) / (axis - last[0]), 0.3, 1.2))
-            if n >= 2 and abs(c) < 0.02:
-                break
-            last = (axis, c)
-            axis += float(np.clip(c / gain, -1.0, 1.0))
-            shifts_b[idx] += matcher.to_raw(fit.shift_corrections_uv, axis)
-            if abs(axis - axis_coarse) > 0.3:
-                shifts_b, coarse_ncc, _, reliable = coarse(axis)
-                idx = np.flatnonzero(use & reliable)
-                z_total_px = 0.0
-                centre(idx, slope=False)
-                axis_coarse = axis
-        # Neighbour correlations (next) need the chain's own centre, the strongest layer.
-        shifts_b, coarse_ncc, _, reliable = coarse(axis)
-        z_total_px = 0.0
 
-    # Every reliable tilt once more against its two aligned neighbours (stretched, which
-    # needs the chain's own centre).
-    failed: dict[int, str] = {}
-    ok = use & reliable
-    start = int(np.flatnonzero(ok)[np.argmin(np.abs(nominal[ok]))])
-    refined = shifts_b.copy()
-    for i in np.flatnonzero(ok):
-        good = np.flatnonzero(ok)
+def _height_term(s: _State, z_px: float) -> np.ndarray:
+    """``(t, 2)`` displacements that raise the rotation centre by ``z_px``: ``z sin(theta)`` across the axis."""
+    a = np.deg2rad(s.axis)
+    return z_px * s.sin_t[:, None] * np.array([np.sin(a), np.cos(a)])[None, :]
+
+
+def _centre(s: _State, idx: np.ndarray, *, slope: bool, parallax: bool = False) -> None:
+    """Move the rotation centre to the mid-plane (:func:`specimen_geometry`) of the tilts ``idx``.
+
+    Correlation follows the strongest layer. ``slope``: the slab's slope is estimated (it
+    is level when the intensity gave the tilt-angle offset); ``parallax``: the features'
+    heights come from the unshrunk 3D-feature model (kept as ``centring_model``).
+    """
+    aligned = s.matcher.aligned(idx, s.shifts_b, s.axis)
+    volume = _wbp(aligned, s.angles[idx], thickness_px=s.thick_nz)
+    known = 0.0 if slope and s.prior_offset != 0.0 else None
+    k0 = int(np.argmin(np.abs(s.angles[idx])))
+    found = None
+    if parallax:
+        fit = _model(s, idx, s.angles, fit_axis=False, aligned=aligned, shift_prior_px=_UNSHRUNK_PRIOR_PX)
+        found = (fit.positions_zyx, fit.strength) if len(fit.strength) >= 10 else None
+        s.centring_model = (idx, fit)
+    s.geometry = specimen_geometry(volume, thickness_px=s.ice_px, estimate_slope=slope, slope_deg=known,
+                                   image_yx=aligned[k0], image_tilt_angle_deg=float(s.angles[idx][k0]),
+                                   features=found)
+    s.z_total_px += s.geometry.z_center_px
+    s.shifts_b = s.shifts_b + _height_term(s, s.geometry.z_center_px)
+
+
+def _coarse(s: _State) -> None:
+    """Step 2: the correlation chain's shifts with the current axis (:func:`coarse_align_shifts`)."""
+    s.shifts_b, _, _, s.reliable = coarse_align_shifts(
+        s.binned, s.angles, tilt_axis_angle_deg=s.axis, usable=s.use, lowpass_px=s.lp_px, highpass_px=s.hp_px,
+        max_shift_fraction=s.max_shift_fraction, min_peak_ratio=s.min_peak_ratio)
+
+
+def _coarse_shifts_and_axis(s: _State, *, refine_tilt_axis: bool, tilt_axis_search_deg: float) -> None:
+    """Steps 2 and 3: coarse shifts; the tilt axis by common lines, then by the 3D-feature model."""
+    _coarse(s)
+    if not refine_tilt_axis:
+        return
+    if tilt_axis_search_deg > 0:
+        ok = s.use & s.reliable
+        s.axis, _ = refine_tilt_axis_angle(s.binned[ok], shifts_px=s.shifts_b[ok], tilt_axis_angle_deg=s.axis,
+                                           search_range_deg=tilt_axis_search_deg, step_deg=1.0)
+        _coarse(s)
+    _axis_by_features(s)
+    # Neighbour correlations (next) need the chain's own centre, the strongest layer.
+    _coarse(s)
+    s.z_total_px = 0.0
+
+
+def _axis_by_features(s: _State) -> None:
+    """Step 3: the axis correction the 3D-feature model measures, taken in secant steps."""
+    # The feature model needs the specimen inside its slab: centre first. Coarse shifts
+    # are redone (and centred) whenever the axis has moved much since they were made.
+    idx = np.flatnonzero(s.use & s.reliable)
+    _centre(s, idx, slope=False)
+    axis_coarse = s.axis
+    # The measured correction c(axis) falls with a slope (gain) below 1 when far off:
+    # secant steps with the gain estimated from the last two.
+    gain, last = 0.6, None
+    for n in range(8):
+        fit = _model(s, idx, s.angles, fit_axis=True)
+        if fit.n_features < 3:
+            break
+        c = float(fit.axis_correction_deg)
+        if last is not None and abs(s.axis - last[0]) > 0.1:
+            gain = float(np.clip((last[1] - c) / (s.axis - last[0]), 0.3, 1.2))
+        if n >= 2 and abs(c) < 0.02:
+            break
+        last = (s.axis, c)
+        s.axis += float(np.clip(c / gain, -1.0, 1.0))
+        s.shifts_b[idx] += s.matcher.to_raw(fit.shift_corrections_uv, s.axis)
+        if abs(s.axis - axis_coarse) > 0.3:
+            _coarse(s)
+            idx = np.flatnonzero(s.use & s.reliable)
+            s.z_total_px = 0.0
+            _centre(s, idx, slope=False)
+            axis_coarse = s.axis
+
+
+def _neighbour_pass(s: _State) -> None:
+    """Step 4: every reliable tilt once more against its two aligned neighbours; then centred.
+
+    Stretching needs the chain's own centre, so this comes before centring.
+    """
+    s.ok = s.use & s.reliable
+    good = np.flatnonzero(s.ok)
+    start = int(good[np.argmin(np.abs(s.nominal[s.ok]))])
+    corr = s.coarse_corr
+    refined = s.shifts_b.copy()
+    for i in good:
         sources = np.concatenate([good[good < i][-1:], good[good > i][:1]])
         if i == start or len(sources) == 0:
             continue
-        reference = _stretched_reference(binned, angles, i, sources, shifts_b, tilt_axis_angle_deg=axis)
-        d, _, _ = coarse_corr.match(coarse_corr.prepare(binned[i][None]), coarse_corr.prepare(reference[None]),
-                                    centres_yx=shifts_b[i][None], radii_px=matcher.small_radius_px)
+        reference = _stretched_reference(s.binned, s.angles, i, sources, s.shifts_b, tilt_axis_angle_deg=s.axis)
+        d, _, _ = corr.match(corr.prepare(s.binned[i][None]), corr.prepare(reference[None]),
+                             centres_yx=s.shifts_b[i][None], radii_px=s.matcher.small_radius_px)
         refined[i] = d[0]
-    shifts_b = refined
-    centre(np.flatnonzero(ok), slope=False)
-    gold_layers = geometry.method.startswith("gold")
+    s.shifts_b = refined
+    _centre(s, good, slope=False)
 
-    # Second chance for tilts the chain could not place: the reprojection, at their angle,
-    # of all aligned tilts (which holds the parallax of a thick specimen) is the reference,
-    # searched around the shifts of their aligned neighbours.
-    retry = np.flatnonzero(use & ~reliable)
-    if len(retry):
-        good = np.flatnonzero(ok)
-        radius = _search_radius_px(angles, min(by_, bx_), max_shift_fraction)
-        volume = _wbp(matcher.aligned(good, shifts_b, axis), angles[good], thickness_px=nz)
-        reproj = project_volume(volume, angles[retry], n_detector_px=bx_)
-        rotated = apply_alignment(binned[retry], shifts_px=np.zeros((len(retry), 2)), tilt_axis_angle_deg=axis,
-                                  order=1, fill="zero")
-        rot = _rot_xy(axis)
-        centres = []
-        for i in retry:
-            nearest = np.concatenate([good[good < i][-1:], good[good > i][:1]])
-            centres.append((rot.T @ shifts_b[nearest].mean(axis=0)[::-1])[::-1])
-        ncc_fit = matcher.measure(good, shifts_b, axis, angles)[1]
-        d, c, r = matcher.corr.match(matcher.corr.prepare(rotated), matcher.corr.prepare(reproj),
-                                     centres_yx=np.array(centres), radii_px=radius[retry])
-        for k, i in enumerate(retry):
-            near = good[np.argsort(np.abs(angles[good] - angles[i]))[:4]]
-            typical = float(np.median(ncc_fit[np.searchsorted(good, near)]))
-            if r[k] >= min_peak_ratio and c[k] >= min_relative_correlation * typical:
-                shifts_b[i], ok[i] = (rot @ d[k][::-1])[::-1], True
-            else:
-                failed[int(i)] = (f"{ALIGNMENT_FAILED} (correlation {c[k]:.2f} with the reprojection of the "
-                                  f"others, typical {typical:.2f}, peak ratio {r[k]:.2f})")
 
-    # Global consistency: the 3D-feature model corrects what neighbour correlations cannot
-    # see (e.g. the chain following gold on one side of the series and other structure on
-    # the other).
-    # With the shifts now refined, the axis is measured once more in the same fit; a
-    # correction beyond two standard errors is taken (the chain's shifts, made with
-    # the axis still off, bias the first estimates low).
-    # With gold, the beads of the reconstruction place every tilt (step 5 of the module
-    # docstring): tilts far from where they put them are re-placed, with the tilts the
-    # chain placed through them, and the passes run again.
-    n_rounds = int(n_feature_placement_rounds) if gold_layers else 0
+def _second_chance(s: _State, *, min_relative_correlation: float) -> None:
+    """Step 4: the tilts the chain could not place, against the reprojection of the aligned ones.
+
+    The reprojection, at their angle, of all aligned tilts (which holds the parallax of a
+    thick specimen) is searched around the shifts of their aligned neighbours; an
+    ambiguous or weak peak fails the tilt.
+    """
+    retry = np.flatnonzero(s.use & ~s.reliable)
+    if len(retry) == 0:
+        return
+    good = np.flatnonzero(s.ok)
+    radius = s.search_radius_px()
+    reproj = project_volume(s.matcher.volume(good, s.shifts_b, s.axis, s.angles), s.angles[retry],
+                            n_detector_px=s.matcher.shape[1])
+    rotated = s.matcher.rotated(retry, s.axis)
+    rot = _rot_xy(s.axis)
+    centres = []
+    for i in retry:
+        nearest = np.concatenate([good[good < i][-1:], good[good > i][:1]])
+        centres.append((rot.T @ s.shifts_b[nearest].mean(axis=0)[::-1])[::-1])
+    ncc_fit = s.matcher.measure(good, s.shifts_b, s.axis, s.angles)[1]
+    corr = s.matcher.corr
+    d, c, r = corr.match(corr.prepare(rotated), corr.prepare(reproj), centres_yx=np.array(centres),
+                         radii_px=radius[retry])
+    for k, i in enumerate(retry):
+        near = good[np.argsort(np.abs(s.angles[good] - s.angles[i]))[:4]]
+        typical = float(np.median(ncc_fit[np.searchsorted(good, near)]))
+        if r[k] >= s.min_peak_ratio and c[k] >= min_relative_correlation * typical:
+            s.shifts_b[i], s.ok[i] = (rot @ d[k][::-1])[::-1], True
+        else:
+            s.failed[int(i)] = (f"{ALIGNMENT_FAILED} (correlation {c[k]:.2f} with the reprojection of the "
+                                f"others, typical {typical:.2f}, peak ratio {r[k]:.2f})")
+
+
+def _consistency_passes(s: _State, *, n_iterations: int, fit_axis: bool) -> None:
+    """Step 5: rounds of the 3D-feature model on the aligned tilts.
+
+    The model corrects what neighbour correlations cannot see (e.g. the chain following
+    gold on one side of the series and other structure on the other). With the shifts
+    now refined, the axis is measured once more in the same fit; a correction beyond two
+    standard errors is taken (the chain's shifts, made with the axis still off, bias the
+    first estimates low).
+    """
+    for _ in range(int(n_iterations)):
+        idx = np.flatnonzero(s.ok)
+        fit = _model(s, idx, s.angles, fit_axis=fit_axis)
+        if fit.n_features < 3:
+            break
+        turn = fit.axis_correction_deg if abs(fit.axis_correction_deg) > 2 * fit.axis_standard_error_deg else 0.0
+        s.axis += float(np.clip(turn, -1.0, 1.0))
+        s.shifts_b[idx] += s.matcher.to_raw(fit.shift_corrections_uv, s.axis)
+        if np.abs(fit.shift_corrections_uv).max() < 0.1 and turn == 0.0:
+            break
+
+
+def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: int, max_offset_px: float,
+                   min_ratio: float) -> None:
+    """Step 5: the consistency passes and, with gold, the re-placement of tilts by the beads.
+
+    With gold (found by the neighbour pass's centring), the beads of the reconstruction
+    place every tilt (:func:`_feature_placements`): an outer run of tilts far from where
+    they put them is re-placed, with the tilts the chain placed through them, and the
+    passes run again, at most ``n_rounds`` times; still off after the last: failed.
+    """
+    gold_layers = s.geometry.method.startswith("gold")
+    n_rounds = int(n_rounds) if gold_layers else 0
     before_rounds = None  # shifts and axis after the first passes, restored when the beads are not used
     for n_round in range(1 + n_rounds):
-        for _ in range(int(n_projection_matching_iterations)):
-            idx = np.flatnonzero(ok)
-            fit = features(idx, shifts_b, axis, angles, fit_axis=refine_tilt_axis)
-            if fit.n_features < 3:
-                break
-            turn = fit.axis_correction_deg if abs(fit.axis_correction_deg) > 2 * fit.axis_standard_error_deg else 0.0
-            axis += float(np.clip(turn, -1.0, 1.0))
-            shifts_b[idx] += matcher.to_raw(fit.shift_corrections_uv, axis)
-            if np.abs(fit.shift_corrections_uv).max() < 0.1 and turn == 0.0:
-                break
+        _consistency_passes(s, n_iterations=n_iterations, fit_axis=fit_axis)
         if not gold_layers:
             break
-        idx = np.flatnonzero(ok)
-        placement, ratio = _feature_placements(
-            matcher, angles, idx, shifts_b, axis, radius_px=_search_radius_px(angles, min(by_, bx_), max_shift_fraction),
-            n_features=10, min_strength=0.1, feature_radius_px=4.0)
-        far = np.hypot(*(placement - shifts_b[idx]).T)
-        agree = far <= max_feature_placement_offset_px
-        off = _outer_runs(~agree & (ratio >= min_feature_placement_peak_ratio), agree, nominal[idx])
+        idx = np.flatnonzero(s.ok)
+        placement, ratio = _feature_placements(s.matcher, s.angles, idx, s.shifts_b, s.axis,
+                                               radius_px=s.search_radius_px(), n_features=10, min_strength=0.1,
+                                               feature_radius_px=4.0)
+        far = np.hypot(*(placement - s.shifts_b[idx]).T)
+        agree = far <= max_offset_px
+        off = _outer_runs(~agree & (ratio >= min_ratio), agree, s.nominal[idx])
         # The beads judge only when the reconstruction holds them where the tilts near 0°
         # and most others have them; else (alignment broken elsewhere) they are not used,
         # and what the rounds did is undone.
-        core = np.abs(nominal[idx]) <= 15.0
+        core = np.abs(s.nominal[idx]) <= 15.0
         if off[core].any() or off.sum() > len(idx) / 4:
             if before_rounds is not None:
-                shifts_b, axis = before_rounds
+                s.shifts_b, s.axis = before_rounds
             break
         if not off.any():
             break
         if n_round == 0:
-            before_rounds = (shifts_b.copy(), axis)
+            before_rounds = (s.shifts_b.copy(), s.axis)
         if n_round < n_rounds:
-            shifts_b[idx] = _carried_outwards(shifts_b[idx], placement, off, agree, np.sin(np.deg2rad(angles[idx])),
-                                              nominal[idx])
+            s.shifts_b[idx] = _carried_outwards(s.shifts_b[idx], placement, off, agree,
+                                                np.sin(np.deg2rad(s.angles[idx])), s.nominal[idx])
             continue
         for k in np.flatnonzero(off):
-            failed[int(idx[k])] = (f"{ALIGNMENT_FAILED} (still {far[k] * px_b:.0f} Å from where the gold beads of "
-                                   f"the reconstruction put it after {n_round} re-placements)")
-            ok[idx[k]] = False
+            s.failed[int(idx[k])] = (f"{ALIGNMENT_FAILED} (still {far[k] * s.px_b:.0f} Å from where the gold beads "
+                                     f"of the reconstruction put it after {n_round} re-placements)")
+            s.ok[idx[k]] = False
 
-    offset = prior_offset
+
+def _fix_gauge(s: _State, kept: np.ndarray) -> None:
+    """The tilt of ``kept`` nearest 0° keeps zero displacement (the field the operator chose).
+
+    The x translation of the tomogram (``cos``) and its y translation restore it.
+    """
+    a = np.deg2rad(s.axis)
+    across, along = np.array([np.sin(a), np.cos(a)]), np.array([np.cos(a), -np.sin(a)])
+    start = int(np.flatnonzero(kept)[np.argmin(np.abs(s.nominal[kept]))])
+    cos_f = np.cos(np.deg2rad(s.final_angles))
+    s.shifts_b = (s.shifts_b - (s.shifts_b[start] @ across) * (cos_f / cos_f[start])[:, None] * across[None, :]
+                  - (s.shifts_b[start] @ along) * along[None, :])
+
+
+def _centre_specimen(s: _State, *, center_specimen: bool, estimate_tilt_angle_offset: bool) -> None:
+    """Step 6: the rotation centre on the specimen's mid-plane, the final angles, the gauge."""
+    s.offset = s.prior_offset
     if center_specimen:
-        centre(np.flatnonzero(ok), slope=estimate_tilt_angle_offset, parallax=True)
+        _centre(s, np.flatnonzero(s.ok), slope=estimate_tilt_angle_offset, parallax=True)
         if estimate_tilt_angle_offset:
-            offset -= geometry.slope_deg
+            s.offset -= s.geometry.slope_deg
     else:
         # Matching needed the specimen centred; give back the correlation chain's centre.
-        a = np.deg2rad(axis)
-        shifts_b = shifts_b - z_total_px * sin_t[:, None] * np.array([np.sin(a), np.cos(a)])[None, :]
-        z_total_px, geometry = 0.0, None
-    final_angles = nominal + offset
+        s.shifts_b = s.shifts_b - _height_term(s, s.z_total_px)
+        s.z_total_px, s.geometry = 0.0, None
+    s.final_angles = s.nominal + s.offset
+    _fix_gauge(s, s.ok)
 
-    def fix_gauge(kept: np.ndarray) -> None:
-        # Gauge: the tilt nearest 0 degrees keeps zero displacement (the field the operator
-        # chose); the x translation of the tomogram (cos) and its y translation restore it.
-        nonlocal shifts_b
-        a = np.deg2rad(axis)
-        across, along = np.array([np.sin(a), np.cos(a)]), np.array([np.cos(a), -np.sin(a)])
-        start = int(np.flatnonzero(kept)[np.argmin(np.abs(nominal[kept]))])
-        cos_f = np.cos(np.deg2rad(final_angles))
-        shifts_b = (shifts_b - (shifts_b[start] @ across) * (cos_f / cos_f[start])[:, None] * across[None, :]
-                    - (shifts_b[start] @ along) * along[None, :])
 
-    def final_model(idx: np.ndarray) -> FeatureFit:
-        aligned = matcher.aligned(idx, shifts_b, axis)
-        return refine_with_features(aligned, final_angles[idx], _wbp(aligned, final_angles[idx], thickness_px=nz),
-                                    fit_axis=False, shift_prior_px=100.0)
+def _model_residuals(s: _State, idx: np.ndarray, fit: FeatureFit) -> None:
+    """Residuals of the tilts ``idx`` the 3D-feature model ``fit`` measured: its correction and scatter."""
+    if fit.n_features >= 3:
+        model = np.sqrt((fit.shift_corrections_uv**2).sum(axis=1) + np.nan_to_num(fit.rms_px) ** 2)
+        s.residual_b[idx] = np.where(fit.measured, model, s.residual_b[idx])
 
-    fix_gauge(ok)
 
-    # Failure detection against leave-one-out reprojections; residuals: how far each tilt
-    # still is from where the 3D-feature model (or, without features, its leave-one-out
-    # reprojection) puts it.
-    ncc = np.full(n_t, np.nan)
-    residual_b = np.full(n_t, np.nan)
+def _residuals_and_failures(s: _State, *, min_relative_correlation: float) -> None:
+    """Step 7: correlations with the leave-one-out reprojections, failures, residuals.
+
+    Residuals: how far each tilt still is from where the 3D-feature model (or, without
+    features, its leave-one-out reprojection) puts it.
+    """
+    n_t = len(s.use)
+    s.ncc = np.full(n_t, np.nan)
+    s.residual_b = np.full(n_t, np.nan)
     for _ in range(2):
-        idx = np.flatnonzero(ok)
-        update, c, _ = matcher.measure(idx, shifts_b, axis, final_angles)
-        ncc[idx] = c
-        residual_b[idx] = np.hypot(update[:, 0], update[:, 1])
-        typical = _neighbour_median(ncc, final_angles, idx)
+        idx = np.flatnonzero(s.ok)
+        update, c, _ = s.matcher.measure(idx, s.shifts_b, s.axis, s.final_angles)
+        s.ncc[idx] = c
+        s.residual_b[idx] = np.hypot(update[:, 0], update[:, 1])
+        typical = _neighbour_median(s.ncc, s.final_angles, idx)
         # Only tilts the neighbour chain could not place are judged by it: a tilt at the
         # end of the series, beyond a gap, has a poor leave-one-out reprojection.
-        bad = (c < 0.5 * min_relative_correlation * typical) & ~reliable[idx]
+        bad = (c < 0.5 * min_relative_correlation * typical) & ~s.reliable[idx]
         if not bad.any() or len(idx) - bad.sum() < 3:
             break
         for k in np.flatnonzero(bad):
-            failed[int(idx[k])] = (f"{ALIGNMENT_FAILED} (correlation {c[k]:.2f} with its reprojection, "
-                                   f"neighbours {typical[k]:.2f})")
-            ok[idx[k]] = False
-    if model_fits:
+            s.failed[int(idx[k])] = (f"{ALIGNMENT_FAILED} (correlation {c[k]:.2f} with its reprojection, "
+                                     f"neighbours {typical[k]:.2f})")
+            s.ok[idx[k]] = False
+    if s.centring_model is not None:
         # The model seen by the last centring (a change of height does not change it).
-        idx, final = model_fits[-1]
+        idx, final = s.centring_model
     else:
-        idx = np.flatnonzero(ok)
-        final = final_model(idx)
+        idx = np.flatnonzero(s.ok)
+        final = _final_model(s, idx)
+    _model_residuals(s, idx, final)
 
-    def model_residuals(idx: np.ndarray, fit: FeatureFit) -> None:
-        if fit.n_features >= 3:
-            model = np.sqrt((fit.shift_corrections_uv**2).sum(axis=1) + np.nan_to_num(fit.rms_px) ** 2)
-            residual_b[idx] = np.where(fit.measured, model, residual_b[idx])
 
-    model_residuals(idx, final)
-    if geometry is None or not geometry.method.startswith("gold"):
-        failed.update(_weak_links(binned, final_angles, nominal, np.flatnonzero(ok), shifts_b, axis, coarse_corr,
-                                  radius_px=matcher.small_radius_px, min_peak_ratio=min_link_peak_ratio,
-                                  min_relative_correlation=min_link_relative_correlation))
-        check = _Correlator((by_, bx_), lowpass_px=2.0 * lp_px, highpass_px=hp_px, xp=xp, mask=matcher.corr.mask)
-        recovered = _confirmed_by_reprojection(
-            matcher, check, final_angles, nominal, ok & ~np.isin(np.arange(n_t), list(failed)), list(failed),
-            shifts_b, axis, radius_px=max_shift_fraction[0] * min(by_, bx_),
-            tolerance_px=recovery_tolerance_angstrom / px_b, min_peak_ratio=min_recovery_peak_ratio)
-        for i in recovered:
-            del failed[i]
-            ok[i] = True
-        # A confident wrong link (a clear peak on another layer of a thick specimen)
-        # passes the link check, and the tilts beyond it follow it, so their
-        # reprojections agree with them; the 3D-feature model of the kept tilts (features
-        # placed by all of them) sees such a run off. Its unshrunk corrections re-place the
-        # kept tilts, round after round, while one of them exceeds the tolerance (half of it
-        # after the first round); a tilt still beyond it after the last round is excluded.
-        kept = ok & ~np.isin(np.arange(n_t), list(failed))
-        idx = np.flatnonzero(kept)
-        tolerance_px = max_feature_correction_angstrom / px_b
-        replaced = False
-        for n in range(n_replacement_rounds + 1):
-            fit = final_model(idx)
-            size = np.hypot(*fit.shift_corrections_uv.T)
-            if fit.n_features < 3 or size.max() <= (tolerance_px if n == 0 else tolerance_px / 2):
-                break
-            if n == n_replacement_rounds:
-                for k in np.flatnonzero(size > tolerance_px):
-                    failed[int(idx[k])] = (f"{ALIGNMENT_FAILED} (the 3D-feature model still moves it by "
-                                           f"{size[k] * px_b:.0f} Å after {n} rounds of re-placement; no gold to "
-                                           "place it)")
-                break
-            shifts_b[idx] += matcher.to_raw(fit.shift_corrections_uv, axis)
-            fix_gauge(kept)
-            replaced = True
-        # The global passes measured the axis with tilts since excluded (runs placed
-        # wrongly): once more on the kept tilts. Taken when it is more likely to help than
-        # to hurt: for an unbiased estimate c of an error e with standard error s, taking
-        # it leaves s^2 instead of e^2, and E[c^2] = e^2 + s^2, so beyond sqrt(2) s.
-        kept = ok & ~np.isin(np.arange(n_t), list(failed))
-        idx = np.flatnonzero(kept)
-        fit = features(idx, shifts_b, axis, final_angles, fit_axis=True) if refine_tilt_axis else None
-        turn = (fit is not None and fit.n_features >= 3
-                and abs(fit.axis_correction_deg) > np.sqrt(2.0) * fit.axis_standard_error_deg)
-        if turn:
-            axis += float(np.clip(fit.axis_correction_deg, -1.0, 1.0))
-            shifts_b[idx] += matcher.to_raw(fit.shift_corrections_uv, axis)
-            fix_gauge(kept)
-        if recovered or turn or replaced:
-            update, c, _ = matcher.measure(idx, shifts_b, axis, final_angles)
-            redo = np.isin(idx, recovered) | turn | replaced
-            ncc[idx[redo]] = c[redo]
-            residual_b[idx[redo]] = np.hypot(update[redo, 0], update[redo, 1])
-        if turn or replaced:
-            model_residuals(idx, final_model(idx))
-    for i, why in failed.items():
+def _links_and_recovery(s: _State, *, min_link_peak_ratio: float,
+                        min_link_relative_correlation: tuple[float, float], recovery_tolerance_angstrom: float,
+                        min_recovery_peak_ratio: float) -> list[int]:
+    """Step 7 without gold: weak neighbour links fail their tilts; a reprojection recovers some.
+
+    Returns the tilts recovered.
+    """
+    s.failed.update(_weak_links(s.binned, s.final_angles, s.nominal, np.flatnonzero(s.ok), s.shifts_b, s.axis,
+                                s.coarse_corr, radius_px=s.matcher.small_radius_px, min_peak_ratio=min_link_peak_ratio,
+                                min_relative_correlation=min_link_relative_correlation))
+    check = _Correlator(s.matcher.shape, lowpass_px=2.0 * s.lp_px, highpass_px=s.hp_px, xp=s.matcher.xp,
+                        mask=s.matcher.corr.mask)
+    recovered = _confirmed_by_reprojection(
+        s.matcher, check, s.final_angles, s.nominal, s.kept(), list(s.failed), s.shifts_b, s.axis,
+        radius_px=s.max_shift_fraction[0] * min(s.matcher.shape), tolerance_px=recovery_tolerance_angstrom / s.px_b,
+        min_peak_ratio=min_recovery_peak_ratio)
+    for i in recovered:
+        del s.failed[i]
+        s.ok[i] = True
+    return recovered
+
+
+def _replacement_rounds(s: _State, *, max_correction_angstrom: float, n_rounds: int) -> bool:
+    """Step 7 without gold: the kept tilts re-placed by the unshrunk 3D-feature model.
+
+    A confident wrong link (a clear peak on another layer of a thick specimen) passes the
+    link check, and the tilts beyond it follow it, so their reprojections agree with them;
+    the 3D-feature model of the kept tilts (features placed by all of them) sees such a
+    run off. Its corrections re-place the kept tilts, round after round, while one of them
+    exceeds the tolerance (half of it after the first round); a tilt still beyond it after
+    the last round fails. Returns whether any tilt was re-placed.
+    """
+    kept = s.kept()
+    idx = np.flatnonzero(kept)
+    tolerance_px = max_correction_angstrom / s.px_b
+    replaced = False
+    for n in range(n_rounds + 1):
+        fit = _final_model(s, idx)
+        size = np.hypot(*fit.shift_corrections_uv.T)
+        if fit.n_features < 3 or size.max() <= (tolerance_px if n == 0 else tolerance_px / 2):
+            break
+        if n == n_rounds:
+            for k in np.flatnonzero(size > tolerance_px):
+                s.failed[int(idx[k])] = (f"{ALIGNMENT_FAILED} (the 3D-feature model still moves it by "
+                                         f"{size[k] * s.px_b:.0f} Å after {n} rounds of re-placement; no gold to "
+                                         "place it)")
+            break
+        s.shifts_b[idx] += s.matcher.to_raw(fit.shift_corrections_uv, s.axis)
+        _fix_gauge(s, kept)
+        replaced = True
+    return replaced
+
+
+def _final_axis(s: _State, *, refine_tilt_axis: bool, recovered: list[int], replaced: bool) -> None:
+    """Step 7 without gold: the axis once more on the kept tilts; what moved is measured again.
+
+    The global passes measured the axis with tilts since excluded (runs placed wrongly).
+    The correction is taken when it is more likely to help than to hurt: for an unbiased
+    estimate c of an error e with standard error s, taking it leaves s^2 instead of e^2,
+    and E[c^2] = e^2 + s^2, so beyond sqrt(2) s.
+    """
+    kept = s.kept()
+    idx = np.flatnonzero(kept)
+    fit = _model(s, idx, s.final_angles, fit_axis=True) if refine_tilt_axis else None
+    turn = (fit is not None and fit.n_features >= 3
+            and abs(fit.axis_correction_deg) > np.sqrt(2.0) * fit.axis_standard_error_deg)
+    if turn:
+        s.axis += float(np.clip(fit.axis_correction_deg, -1.0, 1.0))
+        s.shifts_b[idx] += s.matcher.to_raw(fit.shift_corrections_uv, s.axis)
+        _fix_gauge(s, kept)
+    if recovered or turn or replaced:
+        update, c, _ = s.matcher.measure(idx, s.shifts_b, s.axis, s.final_angles)
+        redo = np.isin(idx, recovered) | turn | replaced
+        s.ncc[idx[redo]] = c[redo]
+        s.residual_b[idx[redo]] = np.hypot(update[redo, 0], update[redo, 1])
+    if turn or replaced:
+        _model_residuals(s, idx, _final_model(s, idx))
+
+
+def _assembled(s: _State, *, pixel_size_angstrom: float, tilt_axis_angle_deg: float,
+               max_centring_uncertainty_angstrom: float) -> TiltSeriesAlignment:
+    """The result: failures into the reasons, shifts scaled back to the input pixels."""
+    reasons = s.reasons
+    for i, why in s.failed.items():
         reasons[i] = why
-    ok &= np.array([r == "" for r in reasons])
-    ncc[~ok] = np.nan
-    residual_b[~ok] = np.nan
-
-    shifts = shifts_b * bin_yx[None, :] - (bin_yx[None, :] - 1.0) / 2.0
-    shifts[~use] = np.nan
+    s.ok &= np.array([r == "" for r in reasons])
+    s.ncc[~s.ok] = np.nan
+    s.residual_b[~s.ok] = np.nan
+    bin_yx, px_b, geometry = s.bin_yx, s.px_b, s.geometry
+    shifts = s.shifts_b * bin_yx[None, :] - (bin_yx[None, :] - 1.0) / 2.0
+    shifts[~s.use] = np.nan
     excluded = np.array([r != "" for r in reasons])
     return TiltSeriesAlignment(
-        shifts_px=shifts, tilt_axis_angle_deg=float(axis), tilt_angles_deg=final_angles,
-        tilt_angle_offset_deg=float(offset), residual_px=residual_b * float(bin_yx.mean()), correlation=ncc,
+        shifts_px=shifts, tilt_axis_angle_deg=float(s.axis), tilt_angles_deg=s.final_angles,
+        tilt_angle_offset_deg=float(s.offset), residual_px=s.residual_b * float(bin_yx.mean()), correlation=s.ncc,
         excluded=excluded, exclusion_reason=tuple(reasons), pixel_size_angstrom=float(pixel_size_angstrom),
         alignment_pixel_size_angstrom=px_b, nominal_tilt_axis_angle_deg=float(tilt_axis_angle_deg),
-        specimen_z_offset_angstrom=float(z_total_px * px_b),
+        specimen_z_offset_angstrom=float(s.z_total_px * px_b),
         specimen_thickness_angstrom=float(geometry.thickness_px * px_b) if geometry is not None else float("nan"),
         centring_method=geometry.method if geometry is not None else "",
         specimen_z_uncertainty_angstrom=float(geometry.z_uncertainty_px * px_b) if geometry is not None else float("nan"),

@@ -115,6 +115,15 @@ class _Matcher:
         return apply_alignment(self.binned[idx], shifts_px=shifts[idx], tilt_axis_angle_deg=axis_deg, order=1,
                                fill="zero")
 
+    def rotated(self, idx, axis_deg: float):
+        """The tilts ``idx`` rotated (axis along y), their shifts not undone."""
+        return apply_alignment(self.binned[idx], shifts_px=np.zeros((len(idx), 2)), tilt_axis_angle_deg=axis_deg,
+                               order=1, fill="zero")
+
+    def volume(self, idx, shifts, axis_deg: float, angles: np.ndarray):
+        """Weighted back-projection ``(z, y, x)`` (this slab) of the tilts ``idx`` aligned with ``shifts``."""
+        return _wbp(self.aligned(idx, shifts, axis_deg), angles[idx], thickness_px=self.thickness_px)
+
     def measure(self, idx, shifts, axis_deg: float, angles: np.ndarray):
         """Leave-one-out matching of the tilts ``idx``.
 
