@@ -73,12 +73,14 @@ Shifts follow :mod:`tomodask.kernels.geometry`: *displacements* ``(dy, dx)`` of 
 image's content, in input pixels. :func:`apply_alignment` undoes them and rotates the
 axis onto Y in one interpolation.
 
-Modules, one job each: :mod:`.pipeline` runs the steps in order (:func:`align_tilt_series`);
+Modules, one job each: :mod:`.pipeline` runs the steps in order (:func:`align_tilt_series`) on
+the state of :mod:`.state` (made by step 1; centring, gauge and the 3D-feature model on it),
+through the stages of :mod:`.placement` (steps 2-6) and :mod:`.failures` (step 7).
 :mod:`.warp` warps images (:func:`apply_alignment`); :mod:`.correlate` band-passes and
 correlates them and builds the coarse chain; :mod:`.axis` scores tilt axes by common lines;
 :mod:`.features` fits the 3D-feature model; :mod:`.reprojection` back-projects and reprojects;
 :mod:`.specimen` finds the specimen slab; :mod:`.checks` holds the failure checks and
-re-placements of steps 5 and 7; :mod:`.result` the result and its gauge-free error.
+re-placements the stages use; :mod:`.result` the result and its gauge-free error.
 
 References
 ----------

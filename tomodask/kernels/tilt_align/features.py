@@ -191,9 +191,7 @@ def refine_with_features(
     little) and outliers are discarded. The mean feature correction is held at zero, so
     the corrections do not translate the tomogram.
     """
-    xp = get_array_module(aligned_tyx)
-    ndi = scipy_ndimage(xp)
-    n_t, ny, nx = aligned_tyx.shape
+    n_t = aligned_tyx.shape[0]
     feats, strength = _volume_features(volume_zyx, n_max=n_features, border_fraction=(0.08, 0.08))
     empty = FeatureFit(np.zeros((n_t, 2)), 0.0, float("inf"), np.zeros(n_t, bool), np.full(n_t, np.nan), 0,
                        feats, strength)
@@ -204,61 +202,18 @@ def refine_with_features(
     cos_t, sin_t = np.cos(theta), np.sin(theta)
     u = feats[None, :, 2] * cos_t[:, None] + feats[None, :, 0] * sin_t[:, None]  # (t, k)
     v = np.broadcast_to(feats[None, :, 1], u.shape)
-    hw = int(half_window_px)
-    margin = hw + max_lag_px + 1
-    inside = (np.abs(u) < nx / 2 - margin) & (np.abs(v) < ny / 2 - margin)
-    grid = np.arange(-hw, hw + 1, dtype=np.float64)
-    rows = v[:, :, None, None] + grid[None, None, :, None] + (ny - 1) / 2
-    cols = u[:, :, None, None] + grid[None, None, None, :] + (nx - 1) / 2
-    rows, cols = np.broadcast_arrays(rows, cols)
-    windows = np.empty(rows.shape)
-    for i in range(n_t):
-        coords = xp.asarray(np.stack([rows[i], cols[i]]), dtype=xp.float32)
-        windows[i] = to_numpy(ndi.map_coordinates(aligned_tyx[i].astype(xp.float32), coords, order=1,
-                                                  mode="constant", cval=0.0))
+    windows, inside = _feature_windows(aligned_tyx, u, v, half_window_px=half_window_px, max_lag_px=max_lag_px)
     offsets, _ = _window_offsets(windows, inside.astype(np.float64), lowpass_px=lowpass_px, highpass_px=highpass_px,
                                  max_lag_px=max_lag_px)
     t_i, k_i = np.nonzero(inside)
-    m = len(t_i)
-    if m < 10:
+    if len(t_i) < 10:
         return empty
-    # Unknowns: a (t), b (t), dx (k), dy (k), dz (k), c (k), e; rows: u then v offsets.
-    # c is each feature's constant offset across the axis: its template (the mean of its
-    # windows) has no absolute centre, so the tilts' common shift across the axis is left
-    # to the neighbour correlations.
-    n_unknown = 2 * n_t + 4 * n_k + 1
-    r = np.arange(m)
-    rows = np.concatenate([r, r, r, r, r, m + r, m + r, m + r])
-    cols = np.concatenate([t_i, 2 * n_t + k_i, 2 * n_t + 2 * n_k + k_i, 2 * n_t + 3 * n_k + k_i,
-                           np.full(m, n_unknown - 1), n_t + t_i, 2 * n_t + n_k + k_i, np.full(m, n_unknown - 1)])
-    vals = np.concatenate([np.ones(m), cos_t[t_i], sin_t[t_i], np.ones(m), -v[t_i, k_i] * fit_axis,
-                           np.ones(m), np.ones(m), u[t_i, k_i] * fit_axis])
-    design = scipy.sparse.csr_matrix((vals, (rows, cols)), shape=(2 * m, n_unknown))
+    design = _feature_design(t_i, k_i, u, v, cos_t, sin_t, n_t=n_t, n_k=n_k, fit_axis=fit_axis)
+    n_unknown = design.shape[1]
     obs = np.concatenate([offsets[t_i, k_i, 1], offsets[t_i, k_i, 0]])
     kk = np.concatenate([k_i, k_i])
-    # Gauge: the features as a whole do not move (the tomogram is not translated) and the
-    # tilts' mean shift across the axis does not change; a weak prior on each
-    # tilt's correction damps what the features barely see.
-    prior = np.zeros((n_unknown, n_unknown))
-    for g in range(3):
-        block = slice(2 * n_t + g * n_k, 2 * n_t + (g + 1) * n_k)
-        prior[block, block] += 1e6 / n_k**2
-    prior[:n_t, :n_t] += 1e6 / n_t**2
-    prior[np.arange(2 * n_t), np.arange(2 * n_t)] += 1.0 / shift_prior_px**2
-    if not fit_axis:
-        prior[-1, -1] += 1.0
-    robust = np.ones(2 * m)
-    scale_k = np.ones(n_k)
-    for _ in range(8):
-        w2 = robust / (scale_k[kk] ** 2 + 0.03**2)
-        normal = (design.T @ design.multiply(w2[:, None])).toarray() + prior
-        normal[np.diag_indices(n_unknown)] += 1e-9 * float(np.trace(normal)) / n_unknown
-        sol = np.linalg.solve(normal, design.T @ (w2 * obs))
-        resid = obs - design @ sol
-        for k in range(n_k):
-            sel = kk == k
-            scale_k[k] = 1.4826 * np.median(np.abs(resid[sel])) + 1e-3 if sel.sum() >= 8 else 1e3
-        robust = np.clip(1.0 - (resid / (4.685 * scale_k[kk])) ** 2, 0.0, None) ** 2
+    prior = _gauge_prior(n_t, n_k, n_unknown, shift_prior_px=shift_prior_px, fit_axis=fit_axis)
+    sol, normal, resid, robust, scale_k, w2 = _robust_solution(design, obs, kk, prior, n_k=n_k)
     w = np.sqrt(w2)
     good_obs = (robust > 0) & (scale_k[kk] < 1.0)
     per_tilt = np.bincount(np.concatenate([t_i, t_i])[good_obs], minlength=n_t) // 2
@@ -274,12 +229,111 @@ def refine_with_features(
     unit[-1] = 1.0
     stderr = float(np.rad2deg(np.sqrt(max(np.linalg.solve(normal, unit)[-1], 0.0)))) if fit_axis else float("inf")
     n_used = int(sum(scale_k[k] < 1.0 for k in range(n_k)))
-    # Heights from parallax: between tilts theta_1 and theta_2 a feature moves by
-    # x (cos 1 - cos 2) + z (sin 1 - sin 2) across the axis, and its template offset and the
-    # common shift cancel; pairs of opposite tilts give z to a fraction of a voxel.
+    positions = _parallax_heights(feats, offsets, inside, theta, sin_t, sol[:n_t], max_lag_px=max_lag_px)
+    return FeatureFit(shift_corrections_uv=corr_uv, axis_correction_deg=float(np.rad2deg(sol[-1])) if fit_axis else 0.0,
+                      axis_standard_error_deg=stderr, measured=measured, rms_px=rms, n_features=n_used,
+                      positions_zyx=positions, strength=strength)
+
+
+def _feature_windows(aligned_tyx, u: np.ndarray, v: np.ndarray, *, half_window_px: int,
+                     max_lag_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of the aligned tilts around the features' projections.
+
+    ``u``, ``v`` are ``(t, k)`` positions across and along the axis (pixels from the
+    centre). Returns ``(t, k, w, w)`` windows (linear interpolation, 0 outside) and
+    ``(t, k)`` bool, the windows inside the image with room for ``max_lag_px``.
+    """
+    xp = get_array_module(aligned_tyx)
+    ndi = scipy_ndimage(xp)
+    n_t, ny, nx = aligned_tyx.shape
+    hw = int(half_window_px)
+    margin = hw + max_lag_px + 1
+    inside = (np.abs(u) < nx / 2 - margin) & (np.abs(v) < ny / 2 - margin)
+    grid = np.arange(-hw, hw + 1, dtype=np.float64)
+    rows = v[:, :, None, None] + grid[None, None, :, None] + (ny - 1) / 2
+    cols = u[:, :, None, None] + grid[None, None, None, :] + (nx - 1) / 2
+    rows, cols = np.broadcast_arrays(rows, cols)
+    windows = np.empty(rows.shape)
+    for i in range(n_t):
+        coords = xp.asarray(np.stack([rows[i], cols[i]]), dtype=xp.float32)
+        windows[i] = to_numpy(ndi.map_coordinates(aligned_tyx[i].astype(xp.float32), coords, order=1,
+                                                  mode="constant", cval=0.0))
+    return windows, inside
+
+
+def _feature_design(t_i: np.ndarray, k_i: np.ndarray, u: np.ndarray, v: np.ndarray, cos_t: np.ndarray,
+                    sin_t: np.ndarray, *, n_t: int, n_k: int, fit_axis: bool):
+    """Sparse design matrix of the 3D-feature model for the windows ``(t_i, k_i)``.
+
+    Unknowns: a (t), b (t), dx (k), dy (k), dz (k), c (k), e; rows: the u then the v
+    offsets. c is each feature's constant offset across the axis: its template (the mean
+    of its windows) has no absolute centre, so the tilts' common shift across the axis is
+    left to the neighbour correlations.
+    """
+    m = len(t_i)
+    n_unknown = 2 * n_t + 4 * n_k + 1
+    r = np.arange(m)
+    rows = np.concatenate([r, r, r, r, r, m + r, m + r, m + r])
+    cols = np.concatenate([t_i, 2 * n_t + k_i, 2 * n_t + 2 * n_k + k_i, 2 * n_t + 3 * n_k + k_i,
+                           np.full(m, n_unknown - 1), n_t + t_i, 2 * n_t + n_k + k_i, np.full(m, n_unknown - 1)])
+    vals = np.concatenate([np.ones(m), cos_t[t_i], sin_t[t_i], np.ones(m), -v[t_i, k_i] * fit_axis,
+                           np.ones(m), np.ones(m), u[t_i, k_i] * fit_axis])
+    return scipy.sparse.csr_matrix((vals, (rows, cols)), shape=(2 * m, n_unknown))
+
+
+def _gauge_prior(n_t: int, n_k: int, n_unknown: int, *, shift_prior_px: float, fit_axis: bool) -> np.ndarray:
+    """Prior ``(n_unknown, n_unknown)`` added to the normal equations of the 3D-feature model.
+
+    Gauge: the features as a whole do not move (the tomogram is not translated) and the
+    tilts' mean shift across the axis does not change; a weak prior on each tilt's
+    correction damps what the features barely see.
+    """
+    prior = np.zeros((n_unknown, n_unknown))
+    for g in range(3):
+        block = slice(2 * n_t + g * n_k, 2 * n_t + (g + 1) * n_k)
+        prior[block, block] += 1e6 / n_k**2
+    prior[:n_t, :n_t] += 1e6 / n_t**2
+    prior[np.arange(2 * n_t), np.arange(2 * n_t)] += 1.0 / shift_prior_px**2
+    if not fit_axis:
+        prior[-1, -1] += 1.0
+    return prior
+
+
+def _robust_solution(design, obs: np.ndarray, kk: np.ndarray, prior: np.ndarray, *, n_k: int):
+    """Iteratively reweighted least squares: each feature weighted by its own scatter, outliers dropped.
+
+    ``kk`` gives each observation's feature. Returns the solution, the normal matrix, the
+    residuals, the robust (Tukey biweight) weights, the features' scatters and the
+    observations' weights of the last iteration.
+    """
+    n_unknown = design.shape[1]
+    robust = np.ones(len(obs))
+    scale_k = np.ones(n_k)
+    for _ in range(8):
+        w2 = robust / (scale_k[kk] ** 2 + 0.03**2)
+        normal = (design.T @ design.multiply(w2[:, None])).toarray() + prior
+        normal[np.diag_indices(n_unknown)] += 1e-9 * float(np.trace(normal)) / n_unknown
+        sol = np.linalg.solve(normal, design.T @ (w2 * obs))
+        resid = obs - design @ sol
+        for k in range(n_k):
+            sel = kk == k
+            scale_k[k] = 1.4826 * np.median(np.abs(resid[sel])) + 1e-3 if sel.sum() >= 8 else 1e3
+        robust = np.clip(1.0 - (resid / (4.685 * scale_k[kk])) ** 2, 0.0, None) ** 2
+    return sol, normal, resid, robust, scale_k, w2
+
+
+def _parallax_heights(feats: np.ndarray, offsets: np.ndarray, inside: np.ndarray, theta: np.ndarray,
+                      sin_t: np.ndarray, shifts_u: np.ndarray, *, max_lag_px: float) -> np.ndarray:
+    """``(k, 3)`` feature positions with the heights corrected from their parallax.
+
+    Between tilts theta_1 and theta_2 a feature moves by x (cos 1 - cos 2) + z (sin 1 -
+    sin 2) across the axis, and its template offset and the common shift cancel; pairs of
+    opposite tilts give z to a fraction of a voxel. ``offsets`` are the ``(t, k, 2)``
+    window displacements, ``shifts_u`` the tilts' fitted shifts across the axis.
+    """
     positions = feats.copy()
-    off_u = offsets[..., 1] - sol[:n_t][:, None]
-    for k in range(n_k):
+    off_u = offsets[..., 1] - shifts_u[:, None]
+    for k in range(len(feats)):
         seen = np.flatnonzero(inside[:, k] & (np.abs(offsets[:, k, 1]) < max_lag_px - 0.5))
         num = den = 0.0
         for i in seen[theta[seen] < 0]:
@@ -290,6 +344,4 @@ def refine_with_features(
                 den += ds * ds
         if den > 0:
             positions[k, 0] += num / den
-    return FeatureFit(shift_corrections_uv=corr_uv, axis_correction_deg=float(np.rad2deg(sol[-1])) if fit_axis else 0.0,
-                      axis_standard_error_deg=stderr, measured=measured, rms_px=rms, n_features=n_used,
-                      positions_zyx=positions, strength=strength)
+    return positions

@@ -1,0 +1,199 @@
+"""Steps 2 to 6 of :mod:`tomodask.kernels.tilt_align` on the shared state: the tilts placed
+(coarse chain, tilt axis, neighbour pass, second chance, global passes with the bead
+re-placement) and the rotation centre put on the specimen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tomodask.kernels.projector import project_volume
+from tomodask.kernels.tilt_align.axis import refine_tilt_axis_angle
+from tomodask.kernels.tilt_align.checks import _carried_outwards, _feature_placements, _outer_runs
+from tomodask.kernels.tilt_align.correlate import _stretched_reference
+from tomodask.kernels.tilt_align.state import _centre, _coarse, _fix_gauge, _height_term, _model, _State
+from tomodask.kernels.tilt_align.warp import _rot_xy
+from tomodask.kernels.tilt_exclusion import ALIGNMENT_FAILED
+
+
+def _coarse_shifts_and_axis(s: _State, *, refine_tilt_axis: bool, tilt_axis_search_deg: float) -> None:
+    """Steps 2 and 3: coarse shifts; the tilt axis by common lines, then by the 3D-feature model."""
+    _coarse(s)
+    if not refine_tilt_axis:
+        return
+    if tilt_axis_search_deg > 0:
+        ok = s.use & s.reliable
+        s.axis, _ = refine_tilt_axis_angle(s.binned[ok], shifts_px=s.shifts_b[ok], tilt_axis_angle_deg=s.axis,
+                                           search_range_deg=tilt_axis_search_deg, step_deg=1.0)
+        _coarse(s)
+    _axis_by_features(s)
+    # Neighbour correlations (next) need the chain's own centre, the strongest layer.
+    _coarse(s)
+    s.z_total_px = 0.0
+
+
+def _axis_by_features(s: _State) -> None:
+    """Step 3: the axis correction the 3D-feature model measures, taken in secant steps."""
+    # The feature model needs the specimen inside its slab: centre first. Coarse shifts
+    # are redone (and centred) whenever the axis has moved much since they were made.
+    idx = np.flatnonzero(s.use & s.reliable)
+    _centre(s, idx, slope=False)
+    axis_coarse = s.axis
+    # The measured correction c(axis) falls with a slope (gain) below 1 when far off:
+    # secant steps with the gain estimated from the last two.
+    gain, last = 0.6, None
+    for n in range(8):
+        fit = _model(s, idx, s.angles, fit_axis=True)
+        if fit.n_features < 3:
+            break
+        c = float(fit.axis_correction_deg)
+        if last is not None and abs(s.axis - last[0]) > 0.1:
+            gain = float(np.clip((last[1] - c) / (s.axis - last[0]), 0.3, 1.2))
+        if n >= 2 and abs(c) < 0.02:
+            break
+        last = (s.axis, c)
+        s.axis += float(np.clip(c / gain, -1.0, 1.0))
+        s.shifts_b[idx] += s.matcher.to_raw(fit.shift_corrections_uv, s.axis)
+        if abs(s.axis - axis_coarse) > 0.3:
+            _coarse(s)
+            idx = np.flatnonzero(s.use & s.reliable)
+            s.z_total_px = 0.0
+            _centre(s, idx, slope=False)
+            axis_coarse = s.axis
+
+
+def _neighbour_pass(s: _State) -> None:
+    """Step 4: every reliable tilt once more against its two aligned neighbours; then centred.
+
+    Stretching needs the chain's own centre, so this comes before centring.
+    """
+    s.ok = s.use & s.reliable
+    good = np.flatnonzero(s.ok)
+    start = int(good[np.argmin(np.abs(s.nominal[s.ok]))])
+    corr = s.coarse_corr
+    refined = s.shifts_b.copy()
+    for i in good:
+        sources = np.concatenate([good[good < i][-1:], good[good > i][:1]])
+        if i == start or len(sources) == 0:
+            continue
+        reference = _stretched_reference(s.binned, s.angles, i, sources, s.shifts_b, tilt_axis_angle_deg=s.axis)
+        d, _, _ = corr.match(corr.prepare(s.binned[i][None]), corr.prepare(reference[None]),
+                             centres_yx=s.shifts_b[i][None], radii_px=s.matcher.small_radius_px)
+        refined[i] = d[0]
+    s.shifts_b = refined
+    _centre(s, good, slope=False)
+
+
+def _second_chance(s: _State, *, min_relative_correlation: float) -> None:
+    """Step 4: the tilts the chain could not place, against the reprojection of the aligned ones.
+
+    The reprojection, at their angle, of all aligned tilts (which holds the parallax of a
+    thick specimen) is searched around the shifts of their aligned neighbours; an
+    ambiguous or weak peak fails the tilt.
+    """
+    retry = np.flatnonzero(s.use & ~s.reliable)
+    if len(retry) == 0:
+        return
+    good = np.flatnonzero(s.ok)
+    radius = s.search_radius_px()
+    reproj = project_volume(s.matcher.volume(good, s.shifts_b, s.axis, s.angles), s.angles[retry],
+                            n_detector_px=s.matcher.shape[1])
+    rotated = s.matcher.rotated(retry, s.axis)
+    rot = _rot_xy(s.axis)
+    centres = []
+    for i in retry:
+        nearest = np.concatenate([good[good < i][-1:], good[good > i][:1]])
+        centres.append((rot.T @ s.shifts_b[nearest].mean(axis=0)[::-1])[::-1])
+    ncc_fit = s.matcher.measure(good, s.shifts_b, s.axis, s.angles)[1]
+    corr = s.matcher.corr
+    d, c, r = corr.match(corr.prepare(rotated), corr.prepare(reproj), centres_yx=np.array(centres),
+                         radii_px=radius[retry])
+    for k, i in enumerate(retry):
+        near = good[np.argsort(np.abs(s.angles[good] - s.angles[i]))[:4]]
+        typical = float(np.median(ncc_fit[np.searchsorted(good, near)]))
+        if r[k] >= s.min_peak_ratio and c[k] >= min_relative_correlation * typical:
+            s.shifts_b[i], s.ok[i] = (rot @ d[k][::-1])[::-1], True
+        else:
+            s.failed[int(i)] = (f"{ALIGNMENT_FAILED} (correlation {c[k]:.2f} with the reprojection of the "
+                                f"others, typical {typical:.2f}, peak ratio {r[k]:.2f})")
+
+
+def _consistency_passes(s: _State, *, n_iterations: int, fit_axis: bool) -> None:
+    """Step 5: rounds of the 3D-feature model on the aligned tilts.
+
+    The model corrects what neighbour correlations cannot see (e.g. the chain following
+    gold on one side of the series and other structure on the other). With the shifts
+    now refined, the axis is measured once more in the same fit; a correction beyond two
+    standard errors is taken (the chain's shifts, made with the axis still off, bias the
+    first estimates low).
+    """
+    for _ in range(int(n_iterations)):
+        idx = np.flatnonzero(s.ok)
+        fit = _model(s, idx, s.angles, fit_axis=fit_axis)
+        if fit.n_features < 3:
+            break
+        turn = fit.axis_correction_deg if abs(fit.axis_correction_deg) > 2 * fit.axis_standard_error_deg else 0.0
+        s.axis += float(np.clip(turn, -1.0, 1.0))
+        s.shifts_b[idx] += s.matcher.to_raw(fit.shift_corrections_uv, s.axis)
+        if np.abs(fit.shift_corrections_uv).max() < 0.1 and turn == 0.0:
+            break
+
+
+def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: int, max_offset_px: float,
+                   min_ratio: float) -> None:
+    """Step 5: the consistency passes and, with gold, the re-placement of tilts by the beads.
+
+    With gold (found by the neighbour pass's centring), the beads of the reconstruction
+    place every tilt (:func:`_feature_placements`): an outer run of tilts far from where
+    they put them is re-placed, with the tilts the chain placed through them, and the
+    passes run again, at most ``n_rounds`` times; still off after the last: failed.
+    """
+    gold_layers = s.geometry.method.startswith("gold")
+    n_rounds = int(n_rounds) if gold_layers else 0
+    before_rounds = None  # shifts and axis after the first passes, restored when the beads are not used
+    for n_round in range(1 + n_rounds):
+        _consistency_passes(s, n_iterations=n_iterations, fit_axis=fit_axis)
+        if not gold_layers:
+            break
+        idx = np.flatnonzero(s.ok)
+        placement, ratio = _feature_placements(s.matcher, s.angles, idx, s.shifts_b, s.axis,
+                                               radius_px=s.search_radius_px(), n_features=10, min_strength=0.1,
+                                               feature_radius_px=4.0)
+        far = np.hypot(*(placement - s.shifts_b[idx]).T)
+        agree = far <= max_offset_px
+        off = _outer_runs(~agree & (ratio >= min_ratio), agree, s.nominal[idx])
+        # The beads judge only when the reconstruction holds them where the tilts near 0°
+        # and most others have them; else (alignment broken elsewhere) they are not used,
+        # and what the rounds did is undone.
+        core = np.abs(s.nominal[idx]) <= 15.0
+        if off[core].any() or off.sum() > len(idx) / 4:
+            if before_rounds is not None:
+                s.shifts_b, s.axis = before_rounds
+            break
+        if not off.any():
+            break
+        if n_round == 0:
+            before_rounds = (s.shifts_b.copy(), s.axis)
+        if n_round < n_rounds:
+            s.shifts_b[idx] = _carried_outwards(s.shifts_b[idx], placement, off, agree,
+                                                np.sin(np.deg2rad(s.angles[idx])), s.nominal[idx])
+            continue
+        for k in np.flatnonzero(off):
+            s.failed[int(idx[k])] = (f"{ALIGNMENT_FAILED} (still {far[k] * s.px_b:.0f} Å from where the gold beads "
+                                     f"of the reconstruction put it after {n_round} re-placements)")
+            s.ok[idx[k]] = False
+
+
+def _centre_specimen(s: _State, *, center_specimen: bool, estimate_tilt_angle_offset: bool) -> None:
+    """Step 6: the rotation centre on the specimen's mid-plane, the final angles, the gauge."""
+    s.offset = s.prior_offset
+    if center_specimen:
+        _centre(s, np.flatnonzero(s.ok), slope=estimate_tilt_angle_offset, parallax=True)
+        if estimate_tilt_angle_offset:
+            s.offset -= s.geometry.slope_deg
+    else:
+        # Matching needed the specimen centred; give back the correlation chain's centre.
+        s.shifts_b = s.shifts_b - _height_term(s, s.z_total_px)
+        s.z_total_px, s.geometry = 0.0, None
+    s.final_angles = s.nominal + s.offset
+    _fix_gauge(s, s.ok)
