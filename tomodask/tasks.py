@@ -369,6 +369,7 @@ def process_tilt_series(req: TiltSeriesRequest, *movies: dict) -> dict:
         "specimen_z_uncertainty_angstrom": (float(al.specimen_z_uncertainty_angstrom)
                                             if np.isfinite(al.specimen_z_uncertainty_angstrom) else None),
         "centring_warning": al.centring_warning,
+        "alignment_warning": al.alignment_warning,
         "alignment_correlation": np.nan_to_num(np.asarray(al.correlation, dtype=float)).tolist(),
         "tomogram_pixel_size_angstrom": rec_px,
         "tomogram_shape_zyx": list(tomo_np.shape),

@@ -122,6 +122,41 @@ def test_wide_field_chain_on_the_other_bead_layer_re_placed_by_the_beads(wide_fi
     assert abs(res.tilt_axis_angle_deg - TRUE_AXIS_DEG) < 0.2
     assert abs(height_error_angstrom(res, ts)) < 50.0
     assert res.centring_method == "gold on both surfaces"
+    assert res.alignment_warning == ""
+
+
+def wide_field_series(seed: int):
+    """A 2048 A field (256^2 at 8 A) aligned at 16 A from a nominal axis 3 degrees off."""
+    ts = simulate_tilt_series(seed, shape_yx=(256, 256), pixel_size_angstrom=8.0, tilt_axis_angle_deg=TRUE_AXIS_DEG)
+    return ts, align_tilt_series(ts.images, ts.nominal_tilt_angles_deg, pixel_size_angstrom=8.0,
+                                 tilt_axis_angle_deg=TRUE_AXIS_DEG + 3.0, alignment_pixel_size_angstrom=16.0)
+
+
+def test_wide_field_tilts_no_reference_could_place_are_placed_by_the_beads():
+    # Seed 2: where beads of the two surfaces cross (-21, -18, -12 and +30 degrees) neither
+    # the chain's stretched neighbours nor the reprojection of the whole volume give a
+    # clear peak, and the four were excluded as failed; the reprojection of the beads
+    # places the first three within a pixel.
+    ts, res = wide_field_series(2)
+    kept = ~res.excluded
+    assert kept[np.isin(np.round(ts.nominal_tilt_angles_deg), [-21.0, -18.0, -12.0])].all()
+    assert kept.sum() >= 40, [r for r in res.exclusion_reason if r]
+    gauge_free = gauge_free_shift_error_px(res.shifts_px, ts.shifts_px, ts.tilt_angles_deg,
+                                           tilt_axis_angle_deg=TRUE_AXIS_DEG, use=kept) / 2.0
+    assert gauge_free.max() <= 1.0, gauge_free
+    assert res.alignment_warning == ""
+
+
+def test_wide_field_tilts_the_beads_put_elsewhere_near_zero_are_reported():
+    # Seed 6: the chain jumps to the other bead layer at -6 degrees (the whole negative
+    # side 7-44 px off, consistent with its neighbours). The beads put -6..-21 elsewhere,
+    # but so close to 0 they are not trusted to re-place them: the series must say so.
+    ts, res = wide_field_series(6)
+    gauge_free = gauge_free_shift_error_px(res.shifts_px, ts.shifts_px, ts.tilt_angles_deg,
+                                           tilt_axis_angle_deg=TRUE_AXIS_DEG, use=~res.excluded) / 2.0
+    assert gauge_free.max() > 5.0  # still wrong: the warning is not a false alarm
+    assert res.alignment_warning.startswith("alignment uncertain")
+    assert all(f"{a:+.0f}," in res.alignment_warning for a in (-21, -18, -15, -12, -9))
 
 
 def test_tiny_preset_with_pre_tilt(tiny_pretilted):

@@ -50,6 +50,7 @@ def test_stream_transfer_and_process(tmp_path, data_root, method, n_tilt_series)
         assert abs(m["tilt_axis_angle_deg"] - truth["spec"]["tilt_axis_angle_deg"]) < 0.5
         # gold on the surfaces: the volume is centred on the specimen without a warning or a flag
         assert m["centring_warning"] == "" and m["specimen_z_uncertainty_angstrom"] == 0.0
+        assert m["alignment_warning"] == ""
         assert not series.set_index("name").loc[ts, "flagged"]
         by_movie = {t["movie"].rsplit(".", 1)[0]: t for t in truth["tilts"]}
         excluded = {mv for mv, e in zip(m["movies"], m["excluded"]) if e}

@@ -283,7 +283,8 @@ class PreprocessTrack:
                 row.state = ItemState.done.value
                 row.metrics = dumps_metrics(fut.result())
                 summary, level = "done", "INFO"
-                warning = row.metrics.get("centring_warning") if kind == "tilt_series" else ""
+                warning = "; ".join(w for w in (row.metrics.get(k) for k in ("alignment_warning", "centring_warning"))
+                                    if w) if kind == "tilt_series" else ""
                 if warning:
                     row.flagged = True
                     row.flag_reason = "; ".join(x for x in (row.flag_reason, warning) if x)

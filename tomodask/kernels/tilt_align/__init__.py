@@ -28,6 +28,10 @@ size (about 1/128 of the field of view):
    reprojection, at its angle, of the weighted back-projection of all aligned tilts
    (which holds a thick specimen's parallax), searched around its neighbours' shifts, and
    excluded with reason ``"alignment failed (...)"`` if that peak is ambiguous or weak.
+   With gold, such a tilt is searched once more against the reprojection of the balls
+   around the beads of that reconstruction (where beads of the two surfaces cross, the
+   layers' peaks compete in the other references); a clear peak places it
+   (:func:`~tomodask.kernels.tilt_align.placement._placed_by_beads`).
 5. **Global consistency** (:func:`refine_with_features`). Strong 3D features of the
    reconstruction (gold beads, compact particles; streaks of gold rejected) are followed
    through the tilts and fitted, like IMOD ``tiltalign``'s fiducials, with a shift per

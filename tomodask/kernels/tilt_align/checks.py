@@ -100,19 +100,20 @@ def _confirmed_by_reprojection(matcher: _Matcher, corr: _Correlator, angles: np.
 
 def _feature_placements(matcher: _Matcher, angles: np.ndarray, idx: np.ndarray, shifts: np.ndarray,
                         axis_deg: float, *, radius_px: np.ndarray, n_features: int, min_strength: float,
-                        feature_radius_px: float):
-    """Where the strongest 3D features of the reconstruction put each of the tilts ``idx``.
+                        feature_radius_px: float, targets: np.ndarray | None = None):
+    """Where the strongest 3D features of the reconstruction of the tilts ``idx`` put ``targets``.
 
     The weighted back-projection of the tilts ``idx`` is masked to balls of
     ``feature_radius_px`` around its ``n_features`` strongest features (those at least
-    ``min_strength`` times the strongest's structure energy) and reprojected at each
-    tilt's angle; each tilt is correlated with its reprojection within ``radius_px`` of
-    its shift.
+    ``min_strength`` times the strongest's structure energy) and reprojected at the angle
+    of each tilt of ``targets`` (default ``idx``); each is correlated with its
+    reprojection within ``radius_px`` of its shift in ``shifts``.
 
     Returns
     -------
-    placements, ratio
-        ``(n, 2)`` displacements ``(dy, dx)`` and ``(n,)`` peak ratios.
+    placements, correlation, ratio
+        ``(n, 2)`` displacements ``(dy, dx)``, ``(n,)`` normalised correlations at the
+        peaks and ``(n,)`` peak ratios, one per target.
 
     Notes
     -----
@@ -134,13 +135,14 @@ def _feature_placements(matcher: _Matcher, angles: np.ndarray, idx: np.ndarray, 
     centre = (np.array([nz, ny, nx]) - 1) / 2
     for f in feats + centre:
         mask |= sum((g - c) ** 2 for g, c in zip(grid, f)) <= feature_radius_px**2
-    reproj = project_volume(volume * xp.asarray(mask), angles[idx], n_detector_px=matcher.shape[1])
-    rotated = matcher.rotated(idx, axis_deg)
+    targets = idx if targets is None else targets
+    reproj = project_volume(volume * xp.asarray(mask), angles[targets], n_detector_px=matcher.shape[1])
+    rotated = matcher.rotated(targets, axis_deg)
     rot = _rot_xy(axis_deg)
-    centres = (shifts[idx][:, ::-1] @ rot)[:, ::-1]
-    d, _, r = matcher.corr.match(matcher.corr.prepare(rotated), matcher.corr.prepare(reproj), centres_yx=centres,
-                                 radii_px=radius_px[idx])
-    return (d[:, ::-1] @ rot.T)[:, ::-1], r
+    centres = (shifts[targets][:, ::-1] @ rot)[:, ::-1]
+    d, c, r = matcher.corr.match(matcher.corr.prepare(rotated), matcher.corr.prepare(reproj), centres_yx=centres,
+                                 radii_px=radius_px[targets])
+    return (d[:, ::-1] @ rot.T)[:, ::-1], c, r
 
 
 def _outer_runs(off: np.ndarray, agree: np.ndarray, nominal: np.ndarray) -> np.ndarray:

@@ -143,7 +143,11 @@ def align_tilt_series(
         re-places it there, and the tilts beyond it on its side take the move
         extrapolated linearly in ``sin(theta)``; the global passes then run again, up to
         ``n_feature_placement_rounds`` times. A tilt still that far off after the last
-        round is reported as ``"alignment failed (...)"`` and excluded.
+        round is reported as ``"alignment failed (...)"`` and excluded. Before the
+        global passes, the tilts that neither the chain nor the reprojection of the
+        others could place are searched the same way (around their neighbours' shifts):
+        a peak at least ``min_feature_placement_peak_ratio`` times the next best places
+        them.
 
     Returns
     -------
@@ -163,7 +167,8 @@ def align_tilt_series(
                   max_shift_fraction=max_shift_fraction, min_peak_ratio=min_peak_ratio)
     _coarse_shifts_and_axis(s, refine_tilt_axis=refine_tilt_axis, tilt_axis_search_deg=tilt_axis_search_deg)
     _neighbour_pass(s)
-    _second_chance(s, min_relative_correlation=min_relative_correlation)
+    _second_chance(s, min_relative_correlation=min_relative_correlation,
+                   min_bead_ratio=min_feature_placement_peak_ratio)
     _global_passes(s, n_iterations=n_projection_matching_iterations, fit_axis=refine_tilt_axis,
                    n_rounds=n_feature_placement_rounds, max_offset_px=max_feature_placement_offset_px,
                    min_ratio=min_feature_placement_peak_ratio)
@@ -204,4 +209,5 @@ def _assembled(s: _State, *, pixel_size_angstrom: float, tilt_axis_angle_deg: fl
         centring_method=geometry.method if geometry is not None else "",
         specimen_z_uncertainty_angstrom=float(geometry.z_uncertainty_px * px_b) if geometry is not None else float("nan"),
         centring_warning=_centring_warning(geometry, px_b, max_centring_uncertainty_angstrom),
+        alignment_warning=s.alignment_warning,
     )

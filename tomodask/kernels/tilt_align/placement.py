@@ -84,38 +84,82 @@ def _neighbour_pass(s: _State) -> None:
     _centre(s, good, slope=False)
 
 
-def _second_chance(s: _State, *, min_relative_correlation: float) -> None:
+def _second_chance(s: _State, *, min_relative_correlation: float, min_bead_ratio: float) -> None:
     """Step 4: the tilts the chain could not place, against the reprojection of the aligned ones.
 
     The reprojection, at their angle, of all aligned tilts (which holds the parallax of a
     thick specimen) is searched around the shifts of their aligned neighbours; an
-    ambiguous or weak peak fails the tilt.
+    ambiguous or weak peak fails the tilt, unless (with gold) the beads place it
+    (:func:`_placed_by_beads`).
     """
     retry = np.flatnonzero(s.use & ~s.reliable)
     if len(retry) == 0:
         return
     good = np.flatnonzero(s.ok)
-    radius = s.search_radius_px()
     reproj = project_volume(s.matcher.volume(good, s.shifts_b, s.axis, s.angles), s.angles[retry],
                             n_detector_px=s.matcher.shape[1])
     rotated = s.matcher.rotated(retry, s.axis)
     rot = _rot_xy(s.axis)
-    centres = []
-    for i in retry:
-        nearest = np.concatenate([good[good < i][-1:], good[good > i][:1]])
-        centres.append((rot.T @ s.shifts_b[nearest].mean(axis=0)[::-1])[::-1])
+    centres = (_between_neighbours(s.shifts_b, retry, good)[:, ::-1] @ rot)[:, ::-1]
     ncc_fit = s.matcher.measure(good, s.shifts_b, s.axis, s.angles)[1]
     corr = s.matcher.corr
-    d, c, r = corr.match(corr.prepare(rotated), corr.prepare(reproj), centres_yx=np.array(centres),
-                         radii_px=radius[retry])
-    for k, i in enumerate(retry):
-        near = good[np.argsort(np.abs(s.angles[good] - s.angles[i]))[:4]]
-        typical = float(np.median(ncc_fit[np.searchsorted(good, near)]))
+    d, c, r = corr.match(corr.prepare(rotated), corr.prepare(reproj), centres_yx=centres,
+                         radii_px=s.search_radius_px()[retry])
+    for k, (i, typical) in enumerate(zip(retry, _median_of_nearest(ncc_fit, good, retry, s.angles))):
         if r[k] >= s.min_peak_ratio and c[k] >= min_relative_correlation * typical:
             s.shifts_b[i], s.ok[i] = (rot @ d[k][::-1])[::-1], True
         else:
             s.failed[int(i)] = (f"{ALIGNMENT_FAILED} (correlation {c[k]:.2f} with the reprojection of the "
                                 f"others, typical {typical:.2f}, peak ratio {r[k]:.2f})")
+    unplaced = retry[np.isin(retry, list(s.failed))]
+    if s.geometry.method.startswith("gold") and len(unplaced):
+        _placed_by_beads(s, unplaced, min_ratio=min_bead_ratio, min_relative_correlation=min_relative_correlation)
+
+
+def _median_of_nearest(values: np.ndarray, good: np.ndarray, tilts: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    """``(n,)`` for each of ``tilts``, the median of ``values`` (one per ``good``) over the 4
+    tilts of ``good`` nearest it in angle."""
+    return np.array([np.median(values[np.argsort(np.abs(angles[good] - angles[i]))[:4]]) for i in tilts])
+
+
+def _between_neighbours(shifts_b: np.ndarray, tilts: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """``(n, 2)`` mean shift of the nearest tilts of ``good`` on either side of each of ``tilts``."""
+    return np.array([shifts_b[np.concatenate([good[good < i][-1:], good[good > i][:1]])].mean(axis=0)
+                     for i in tilts])
+
+
+def _placed_by_beads(s: _State, tilts: np.ndarray, *, min_ratio: float, min_relative_correlation: float) -> None:
+    """Step 4, with gold: the tilts the second chance failed, placed by the beads.
+
+    Where beads of the two surfaces cross, neither the chain's stretched neighbours nor
+    the reprojection of the whole volume give a clear peak (the layers' peaks compete);
+    the reprojection of the balls around the beads of the aligned tilts' reconstruction
+    (:func:`~tomodask.kernels.tilt_align.checks._feature_placements`) holds the crossing
+    in 3D. Each of ``tilts`` is searched around its aligned neighbours' mean shift as
+    widely as the chain's links. A peak at least ``min_ratio`` times the next best places
+    it (no longer failed) when its correlation with the beads' reprojection is at least
+    ``min_relative_correlation`` times that of the 4 aligned tilts nearest in angle (a
+    few beads can also match a wrong part of an image, but not as well). The others are
+    tried again with the placed ones in the reconstruction until none more is placed.
+    """
+    todo = np.ones(len(tilts), bool)
+    while todo.any():
+        good = np.flatnonzero(s.ok)
+        centres = s.shifts_b.copy()
+        centres[tilts[todo]] = _between_neighbours(s.shifts_b, tilts[todo], good)
+        placement, c, ratio = _feature_placements(s.matcher, s.angles, good, centres, s.axis,
+                                                  radius_px=s.search_radius_px(), n_features=10, min_strength=0.1,
+                                                  feature_radius_px=4.0,
+                                                  targets=np.concatenate([good, tilts[todo]]))
+        k = np.flatnonzero(todo)
+        typical = _median_of_nearest(c[:len(good)], good, tilts[k], s.angles)
+        placed = (ratio[len(good):] >= min_ratio) & (c[len(good):] >= min_relative_correlation * typical)
+        if not placed.any():
+            return
+        for n in np.flatnonzero(placed):
+            s.shifts_b[tilts[k[n]]], s.ok[tilts[k[n]]] = placement[len(good) + n], True
+            del s.failed[int(tilts[k[n]])]
+        todo[k[placed]] = False
 
 
 def _consistency_passes(s: _State, *, n_iterations: int, fit_axis: bool) -> None:
@@ -147,6 +191,9 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
     place every tilt (:func:`_feature_placements`): an outer run of tilts far from where
     they put them is re-placed, with the tilts the chain placed through them, and the
     passes run again, at most ``n_rounds`` times; still off after the last: failed.
+    When such tilts lie within 15° of 0° or are more than a quarter of the tilts, the
+    beads are not trusted (the alignment is broken elsewhere), the rounds are undone and
+    ``s.alignment_warning`` names those tilts.
     """
     gold_layers = s.geometry.method.startswith("gold")
     n_rounds = int(n_rounds) if gold_layers else 0
@@ -156,9 +203,9 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
         if not gold_layers:
             break
         idx = np.flatnonzero(s.ok)
-        placement, ratio = _feature_placements(s.matcher, s.angles, idx, s.shifts_b, s.axis,
-                                               radius_px=s.search_radius_px(), n_features=10, min_strength=0.1,
-                                               feature_radius_px=4.0)
+        placement, _, ratio = _feature_placements(s.matcher, s.angles, idx, s.shifts_b, s.axis,
+                                                  radius_px=s.search_radius_px(), n_features=10, min_strength=0.1,
+                                                  feature_radius_px=4.0)
         far = np.hypot(*(placement - s.shifts_b[idx]).T)
         agree = far <= max_offset_px
         off = _outer_runs(~agree & (ratio >= min_ratio), agree, s.nominal[idx])
@@ -169,6 +216,8 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
         if off[core].any() or off.sum() > len(idx) / 4:
             if before_rounds is not None:
                 s.shifts_b, s.axis = before_rounds
+            s.alignment_warning = _beads_disagree(s.nominal[idx[off]], max_offset_px * s.px_b,
+                                                  in_core=bool(off[core].any()))
             break
         if not off.any():
             break
@@ -182,6 +231,15 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
             s.failed[int(idx[k])] = (f"{ALIGNMENT_FAILED} (still {far[k] * s.px_b:.0f} Å from where the gold beads "
                                      f"of the reconstruction put it after {n_round} re-placements)")
             s.ok[idx[k]] = False
+
+
+def _beads_disagree(angles_deg: np.ndarray, offset_angstrom: float, *, in_core: bool) -> str:
+    """The warning for tilts the beads put elsewhere but that were left where they are."""
+    listed = ", ".join(f"{a:+.0f}" for a in angles_deg)
+    why = "some within 15 degrees of 0" if in_core else "more than a quarter of the tilts"
+    return (f"alignment uncertain: the gold beads of the reconstruction put the tilts at {listed} degrees more than "
+            f"{offset_angstrom:.0f} Å from their shifts ({why}, so the beads were not trusted to re-place them); "
+            "check the tomogram, or exclude those tilts by hand and process the tilt-series again")
 
 
 def _centre_specimen(s: _State, *, center_specimen: bool, estimate_tilt_angle_offset: bool) -> None:

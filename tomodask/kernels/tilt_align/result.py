@@ -62,6 +62,10 @@ class TiltSeriesAlignment:
         not found (the rotation centre stays on the correlation chain's, the strongest
         layer), or found from the structure alone with a standard error above
         ``max_centring_uncertainty_angstrom``.
+    alignment_warning
+        Non-empty when tilts may be placed wrongly but were kept: with gold, the beads of
+        the reconstruction put them elsewhere, where the beads could not be trusted to
+        re-place them (names the tilts).
     """
 
     shifts_px: np.ndarray
@@ -80,6 +84,7 @@ class TiltSeriesAlignment:
     centring_method: str = ""
     specimen_z_uncertainty_angstrom: float = float("nan")
     centring_warning: str = ""
+    alignment_warning: str = ""
 
 
 def gauge_free_shift_error_px(

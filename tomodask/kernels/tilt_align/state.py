@@ -67,6 +67,8 @@ class _State:
         Tilt-angle offset and ``(t,)`` angles after centring.
     ncc, residual_b
         ``(t,)`` correlations with the leave-one-out reprojections and residuals.
+    alignment_warning
+        Non-empty when a check found tilts it could neither confirm nor re-place.
     """
 
     binned: object
@@ -99,6 +101,7 @@ class _State:
     final_angles: np.ndarray | None = None
     ncc: np.ndarray | None = None
     residual_b: np.ndarray | None = None
+    alignment_warning: str = ""
 
     def search_radius_px(self) -> np.ndarray:
         """``(t,)`` radius of the chain's shift search at each tilt."""
