@@ -159,6 +159,22 @@ def test_wide_field_tilts_the_beads_put_elsewhere_near_zero_are_reported():
     assert all(f"{a:+.0f}," in res.alignment_warning for a in (-21, -18, -15, -12, -9))
 
 
+def test_kept_tilts_far_from_the_feature_model_are_reported():
+    # Seed 0 in a 3072 A field (256^2 at 12 A, aligned at 24 A: 4 beads of 2-4 px): the
+    # alignment fails (tilts 13 px off) and no check can say which tilts to exclude, but
+    # 12 kept tilts stay more than an alignment pixel from the 3D-feature model.
+    ts = simulate_tilt_series(0, shape_yx=(256, 256), pixel_size_angstrom=12.0, tilt_axis_angle_deg=TRUE_AXIS_DEG)
+    res = align_tilt_series(ts.images, ts.nominal_tilt_angles_deg, pixel_size_angstrom=12.0,
+                            tilt_axis_angle_deg=TRUE_AXIS_DEG + 3.0, alignment_pixel_size_angstrom=24.0)
+    gauge_free = gauge_free_shift_error_px(res.shifts_px, ts.shifts_px, ts.tilt_angles_deg,
+                                           tilt_axis_angle_deg=TRUE_AXIS_DEG, use=~res.excluded) / 2.0
+    assert gauge_free.max() > 5.0  # wrong: the warning is not a false alarm
+    high = ~res.excluded & (res.residual_px / 2.0 > 1.0)
+    assert high.sum() >= 3
+    assert res.alignment_warning.startswith("alignment uncertain")
+    assert all(f"{a:+.0f}" in res.alignment_warning for a in ts.nominal_tilt_angles_deg[high])
+
+
 def test_tiny_preset_with_pre_tilt(tiny_pretilted):
     ts, res = tiny_pretilted
     assert abs(res.tilt_axis_angle_deg - TRUE_AXIS_DEG) < 0.2
@@ -173,6 +189,7 @@ def test_tiny_preset_with_pre_tilt(tiny_pretilted):
 def test_tilt_axis_within_0_2_degrees(series, pretilted, tiny):
     for _, res, *_ in (series, pretilted, tiny):
         assert abs(res.tilt_axis_angle_deg - TRUE_AXIS_DEG) < 0.2
+        assert res.alignment_warning == ""
     assert series[1].nominal_tilt_axis_angle_deg == TRUE_AXIS_DEG + 3.0
 
 

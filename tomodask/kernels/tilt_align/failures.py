@@ -1,6 +1,7 @@
 """Step 7 of :mod:`tomodask.kernels.tilt_align` on the shared state: residuals, failure detection
 against leave-one-out reprojections and, without gold, the link check, the recovery, the
-re-placement by the 3D-feature model and the final axis.
+re-placement by the 3D-feature model and the final axis; the warning for kept tilts whose
+residuals stay large.
 """
 
 from __future__ import annotations
@@ -123,3 +124,22 @@ def _final_axis(s: _State, *, refine_tilt_axis: bool, recovered: list[int], repl
         s.residual_b[idx[redo]] = np.hypot(update[redo, 0], update[redo, 1])
     if turn or replaced:
         _model_residuals(s, idx, _final_model(s, idx))
+
+
+def _residual_warning(s: _State, *, max_residual_px: float) -> None:
+    """Name in ``s.alignment_warning`` the kept tilts whose residual exceeds ``max_residual_px``.
+
+    A kept tilt more than about an alignment pixel from where the 3D-feature model puts
+    it is not aligned to the accuracy the reconstruction needs (a wrong axis, or a run of
+    tilts on another layer of the specimen, leaves such residuals), though no check
+    could show which tilts are wrong or re-place them.
+    """
+    kept = s.kept() & np.array([r == "" for r in s.reasons])
+    high = np.flatnonzero(kept & (np.nan_to_num(s.residual_b) > max_residual_px))
+    if len(high) == 0:
+        return
+    listed = ", ".join(f"{a:+.0f}" for a in s.nominal[high])
+    warning = (f"alignment uncertain: the tilts at {listed} degrees are up to {s.residual_b[high].max() * s.px_b:.0f} Å "
+               f"from where the 3D-feature model puts them (more than {max_residual_px * s.px_b:.0f} Å); check the "
+               "tomogram, or exclude those tilts by hand and process the tilt-series again")
+    s.alignment_warning = "; ".join(w for w in (s.alignment_warning, warning) if w)

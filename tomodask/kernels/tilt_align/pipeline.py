@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from tomodask.kernels.tilt_align.failures import _final_axis, _links_and_recovery, _replacement_rounds, _residuals_and_failures
+from tomodask.kernels.tilt_align.failures import (
+    _final_axis,
+    _links_and_recovery,
+    _replacement_rounds,
+    _residual_warning,
+    _residuals_and_failures,
+)
 from tomodask.kernels.tilt_align.placement import (
     _centre_specimen,
     _coarse_shifts_and_axis,
@@ -52,6 +58,7 @@ def align_tilt_series(
     max_feature_placement_offset_px: float = 3.0,
     min_feature_placement_peak_ratio: float = 2.0,
     n_feature_placement_rounds: int = 4,
+    max_residual_px: float = 1.0,
 ) -> TiltSeriesAlignment:
     """Align a tilt-series without fiducials (see the module docstring for the steps).
 
@@ -149,6 +156,10 @@ def align_tilt_series(
         a peak at least ``min_feature_placement_peak_ratio`` times the next best places
         them.
 
+    max_residual_px
+        Kept tilts whose residual (``residual_px``) exceeds this many alignment pixels
+        are named in ``alignment_warning`` (kept: no check could say they are wrong).
+
     Returns
     -------
     TiltSeriesAlignment
@@ -182,6 +193,7 @@ def align_tilt_series(
         replaced = _replacement_rounds(s, max_correction_angstrom=max_feature_correction_angstrom,
                                        n_rounds=n_replacement_rounds)
         _final_axis(s, refine_tilt_axis=refine_tilt_axis, recovered=recovered, replaced=replaced)
+    _residual_warning(s, max_residual_px=max_residual_px)
     return _assembled(s, pixel_size_angstrom=pixel_size_angstrom, tilt_axis_angle_deg=tilt_axis_angle_deg,
                       max_centring_uncertainty_angstrom=max_centring_uncertainty_angstrom)
 

@@ -63,9 +63,9 @@ class TiltSeriesAlignment:
         layer), or found from the structure alone with a standard error above
         ``max_centring_uncertainty_angstrom``.
     alignment_warning
-        Non-empty when tilts may be placed wrongly but were kept: with gold, the beads of
-        the reconstruction put them elsewhere, where the beads could not be trusted to
-        re-place them (names the tilts).
+        Non-empty when tilts may be placed wrongly but were kept (names them): with gold,
+        the beads of the reconstruction put them elsewhere, where the beads could not be
+        trusted to re-place them; or their residuals exceed ``max_residual_px``.
     """
 
     shifts_px: np.ndarray
