@@ -159,6 +159,18 @@ def test_wide_field_tilts_the_beads_put_elsewhere_near_zero_are_reported():
     assert all(f"{a:+.0f}," in res.alignment_warning for a in (-21, -18, -15, -12, -9))
 
 
+def test_wide_field_tilts_the_beads_put_elsewhere_between_agreeing_ones_are_reported():
+    # Seed 11: the alignment is broken (tilts 20-29 px off); the beads place -60, -57 and
+    # -45 degrees clearly elsewhere, but between tilts they place where they are (not an
+    # outer run, which they would re-place): the series must say so.
+    ts, res = wide_field_series(11)
+    gauge_free = gauge_free_shift_error_px(res.shifts_px, ts.shifts_px, ts.tilt_angles_deg,
+                                           tilt_axis_angle_deg=TRUE_AXIS_DEG, use=~res.excluded) / 2.0
+    assert gauge_free.max() > 5.0
+    assert res.alignment_warning.startswith("alignment uncertain: the gold beads")
+    assert "-60, -57, -45 degrees" in res.alignment_warning
+
+
 def test_kept_tilts_far_from_the_feature_model_are_reported():
     # Seed 0 in a 3072 A field (256^2 at 12 A, aligned at 24 A: 4 beads of 2-4 px): the
     # alignment fails (tilts 13 px off) and no check can say which tilts to exclude, but

@@ -192,12 +192,14 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
     they put them is re-placed, with the tilts the chain placed through them, and the
     passes run again, at most ``n_rounds`` times; still off after the last: failed.
     When such tilts lie within 15° of 0° or are more than a quarter of the tilts, the
-    beads are not trusted (the alignment is broken elsewhere), the rounds are undone and
-    ``s.alignment_warning`` names those tilts.
+    beads are not trusted (the alignment is broken elsewhere) and the rounds are undone.
+    Kept tilts the beads still put clearly elsewhere (these, or ones between tilts they
+    place where they are) are named in ``s.alignment_warning``.
     """
     gold_layers = s.geometry.method.startswith("gold")
     n_rounds = int(n_rounds) if gold_layers else 0
     before_rounds = None  # shifts and axis after the first passes, restored when the beads are not used
+    left, why = np.zeros(0, int), "not an outer run of their side, which the beads re-place"
     for n_round in range(1 + n_rounds):
         _consistency_passes(s, n_iterations=n_iterations, fit_axis=fit_axis)
         if not gold_layers:
@@ -208,7 +210,9 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
                                                   feature_radius_px=4.0)
         far = np.hypot(*(placement - s.shifts_b[idx]).T)
         agree = far <= max_offset_px
-        off = _outer_runs(~agree & (ratio >= min_ratio), agree, s.nominal[idx])
+        clear = ~agree & (ratio >= min_ratio)
+        off = _outer_runs(clear, agree, s.nominal[idx])
+        left = idx[clear & ~off]
         # The beads judge only when the reconstruction holds them where the tilts near 0°
         # and most others have them; else (alignment broken elsewhere) they are not used,
         # and what the rounds did is undone.
@@ -216,8 +220,9 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
         if off[core].any() or off.sum() > len(idx) / 4:
             if before_rounds is not None:
                 s.shifts_b, s.axis = before_rounds
-            s.alignment_warning = _beads_disagree(s.nominal[idx[off]], max_offset_px * s.px_b,
-                                                  in_core=bool(off[core].any()))
+            left = idx[clear]
+            why = ("some within 15 degrees of 0" if off[core].any() else "more than a quarter of the tilts") + (
+                ", where the beads are not trusted to re-place them")
             break
         if not off.any():
             break
@@ -231,15 +236,11 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
             s.failed[int(idx[k])] = (f"{ALIGNMENT_FAILED} (still {far[k] * s.px_b:.0f} Å from where the gold beads "
                                      f"of the reconstruction put it after {n_round} re-placements)")
             s.ok[idx[k]] = False
-
-
-def _beads_disagree(angles_deg: np.ndarray, offset_angstrom: float, *, in_core: bool) -> str:
-    """The warning for tilts the beads put elsewhere but that were left where they are."""
-    listed = ", ".join(f"{a:+.0f}" for a in angles_deg)
-    why = "some within 15 degrees of 0" if in_core else "more than a quarter of the tilts"
-    return (f"alignment uncertain: the gold beads of the reconstruction put the tilts at {listed} degrees more than "
-            f"{offset_angstrom:.0f} Å from their shifts ({why}, so the beads were not trusted to re-place them); "
-            "check the tomogram, or exclude those tilts by hand and process the tilt-series again")
+    if len(left):
+        listed = ", ".join(f"{a:+.0f}" for a in s.nominal[left])
+        s.alignment_warning = (f"alignment uncertain: the gold beads of the reconstruction put the tilts at {listed} "
+                               f"degrees more than {max_offset_px * s.px_b:.0f} Å from their shifts ({why}); check "
+                               "the tomogram, or exclude those tilts by hand and process the tilt-series again")
 
 
 def _centre_specimen(s: _State, *, center_specimen: bool, estimate_tilt_angle_offset: bool) -> None:
