@@ -101,16 +101,19 @@ def tiny_pretilted():
     return ts, result
 
 
+def wide_field_series(seed: int):
+    """A 2048 A field (256^2 at 8 A) aligned at 16 A from a nominal axis 3 degrees off."""
+    ts = simulate_tilt_series(seed, shape_yx=(256, 256), pixel_size_angstrom=8.0, tilt_axis_angle_deg=TRUE_AXIS_DEG)
+    return ts, align_tilt_series(ts.images, ts.nominal_tilt_angles_deg, pixel_size_angstrom=8.0,
+                                 tilt_axis_angle_deg=TRUE_AXIS_DEG + 3.0, alignment_pixel_size_angstrom=16.0)
+
+
 @pytest.fixture(scope="module")
 def wide_field():
-    # Seed 0 in a 2048 A field (256^2 at 8 A, aligned at 16 A), nominal axis 3 degrees
-    # off. The beads of the two surfaces (1400 A apart) cross near +30 degrees: the
+    # Seed 0: the beads of the two surfaces (1400 A apart) cross near +30 degrees: the
     # correlation chain locks onto the other layer there, and every tilt beyond follows it
     # (up to 64 px off at +60 degrees, consistent with its neighbours).
-    ts = simulate_tilt_series(0, shape_yx=(256, 256), pixel_size_angstrom=8.0, tilt_axis_angle_deg=TRUE_AXIS_DEG)
-    result = align_tilt_series(ts.images, ts.nominal_tilt_angles_deg, pixel_size_angstrom=8.0,
-                               tilt_axis_angle_deg=TRUE_AXIS_DEG + 3.0, alignment_pixel_size_angstrom=16.0)
-    return ts, result
+    return wide_field_series(0)
 
 
 def test_wide_field_chain_on_the_other_bead_layer_re_placed_by_the_beads(wide_field):
@@ -125,13 +128,6 @@ def test_wide_field_chain_on_the_other_bead_layer_re_placed_by_the_beads(wide_fi
     assert res.alignment_warning == ""
 
 
-def wide_field_series(seed: int):
-    """A 2048 A field (256^2 at 8 A) aligned at 16 A from a nominal axis 3 degrees off."""
-    ts = simulate_tilt_series(seed, shape_yx=(256, 256), pixel_size_angstrom=8.0, tilt_axis_angle_deg=TRUE_AXIS_DEG)
-    return ts, align_tilt_series(ts.images, ts.nominal_tilt_angles_deg, pixel_size_angstrom=8.0,
-                                 tilt_axis_angle_deg=TRUE_AXIS_DEG + 3.0, alignment_pixel_size_angstrom=16.0)
-
-
 def test_wide_field_tilts_no_reference_could_place_are_placed_by_the_beads():
     # Seed 2: where beads of the two surfaces cross (-21, -18, -12 and +30 degrees) neither
     # the chain's stretched neighbours nor the reprojection of the whole volume give a
@@ -141,8 +137,7 @@ def test_wide_field_tilts_no_reference_could_place_are_placed_by_the_beads():
     kept = ~res.excluded
     assert kept[np.isin(np.round(ts.nominal_tilt_angles_deg), [-21.0, -18.0, -12.0])].all()
     assert kept.sum() >= 40, [r for r in res.exclusion_reason if r]
-    gauge_free = gauge_free_shift_error_px(res.shifts_px, ts.shifts_px, ts.tilt_angles_deg,
-                                           tilt_axis_angle_deg=TRUE_AXIS_DEG, use=kept) / 2.0
+    gauge_free = gauge_free_error_px(res, ts)[kept]
     assert gauge_free.max() <= 1.0, gauge_free
     assert res.alignment_warning == ""
 
@@ -152,8 +147,7 @@ def test_wide_field_tilts_the_beads_put_elsewhere_near_zero_are_reported():
     # side 7-44 px off, consistent with its neighbours). The beads put -6..-21 elsewhere,
     # but so close to 0 they are not trusted to re-place them: the series must say so.
     ts, res = wide_field_series(6)
-    gauge_free = gauge_free_shift_error_px(res.shifts_px, ts.shifts_px, ts.tilt_angles_deg,
-                                           tilt_axis_angle_deg=TRUE_AXIS_DEG, use=~res.excluded) / 2.0
+    gauge_free = gauge_free_error_px(res, ts)[~res.excluded]
     assert gauge_free.max() > 5.0  # still wrong: the warning is not a false alarm
     assert res.alignment_warning.startswith("alignment uncertain")
     assert all(f"{a:+.0f}," in res.alignment_warning for a in (-21, -18, -15, -12, -9))
@@ -164,8 +158,7 @@ def test_wide_field_tilts_the_beads_put_elsewhere_between_agreeing_ones_are_repo
     # -45 degrees clearly elsewhere, but between tilts they place where they are (not an
     # outer run, which they would re-place): the series must say so.
     ts, res = wide_field_series(11)
-    gauge_free = gauge_free_shift_error_px(res.shifts_px, ts.shifts_px, ts.tilt_angles_deg,
-                                           tilt_axis_angle_deg=TRUE_AXIS_DEG, use=~res.excluded) / 2.0
+    gauge_free = gauge_free_error_px(res, ts)[~res.excluded]
     assert gauge_free.max() > 5.0
     assert res.alignment_warning.startswith("alignment uncertain: the gold beads")
     assert "-60, -57, -45 degrees" in res.alignment_warning
@@ -178,8 +171,7 @@ def test_kept_tilts_far_from_the_feature_model_are_reported():
     ts = simulate_tilt_series(0, shape_yx=(256, 256), pixel_size_angstrom=12.0, tilt_axis_angle_deg=TRUE_AXIS_DEG)
     res = align_tilt_series(ts.images, ts.nominal_tilt_angles_deg, pixel_size_angstrom=12.0,
                             tilt_axis_angle_deg=TRUE_AXIS_DEG + 3.0, alignment_pixel_size_angstrom=24.0)
-    gauge_free = gauge_free_shift_error_px(res.shifts_px, ts.shifts_px, ts.tilt_angles_deg,
-                                           tilt_axis_angle_deg=TRUE_AXIS_DEG, use=~res.excluded) / 2.0
+    gauge_free = gauge_free_error_px(res, ts)[~res.excluded]
     assert gauge_free.max() > 5.0  # wrong: the warning is not a false alarm
     high = ~res.excluded & (res.residual_px / 2.0 > 1.0)
     assert high.sum() >= 3

@@ -15,11 +15,14 @@ from tomodask.kernels.tilt_align.warp import _rot_xy
 from tomodask.kernels.tilt_exclusion import ALIGNMENT_FAILED
 
 
-def _neighbour_median(values: np.ndarray, angles: np.ndarray, idx: np.ndarray, k: int = 4) -> np.ndarray:
-    """For each of ``idx``, the median of ``values`` over its ``k`` nearest others in angle."""
+def _neighbour_median(values: np.ndarray, angles: np.ndarray, idx: np.ndarray, k: int = 4,
+                      among: np.ndarray | None = None) -> np.ndarray:
+    """For each of ``idx``, the median of ``values`` (one per tilt) over the ``k`` tilts of
+    ``among`` (default ``idx``) nearest it in angle, itself excluded."""
+    among = idx if among is None else among
     out = np.empty(len(idx))
     for n, i in enumerate(idx):
-        others = idx[idx != i]
+        others = among[among != i]
         near = others[np.argsort(np.abs(angles[others] - angles[i]))[:k]]
         out[n] = np.median(values[near]) if len(near) else values[i]
     return out

@@ -10,7 +10,7 @@ import numpy as np
 
 from tomodask.kernels.tilt_align.checks import _confirmed_by_reprojection, _neighbour_median, _weak_links
 from tomodask.kernels.tilt_align.correlate import _Correlator
-from tomodask.kernels.tilt_align.state import _final_model, _fix_gauge, _model, _model_residuals, _State
+from tomodask.kernels.tilt_align.state import _final_model, _fix_gauge, _model, _model_residuals, _State, _warn
 from tomodask.kernels.tilt_exclusion import ALIGNMENT_FAILED
 
 
@@ -134,12 +134,7 @@ def _residual_warning(s: _State, *, max_residual_px: float) -> None:
     tilts on another layer of the specimen, leaves such residuals), though no check
     could show which tilts are wrong or re-place them.
     """
-    kept = s.kept() & np.array([r == "" for r in s.reasons])
-    high = np.flatnonzero(kept & (np.nan_to_num(s.residual_b) > max_residual_px))
-    if len(high) == 0:
-        return
-    listed = ", ".join(f"{a:+.0f}" for a in s.nominal[high])
-    warning = (f"alignment uncertain: the tilts at {listed} degrees are up to {s.residual_b[high].max() * s.px_b:.0f} Å "
-               f"from where the 3D-feature model puts them (more than {max_residual_px * s.px_b:.0f} Å); check the "
-               "tomogram, or exclude those tilts by hand and process the tilt-series again")
-    s.alignment_warning = "; ".join(w for w in (s.alignment_warning, warning) if w)
+    high = np.flatnonzero(s.kept() & (np.nan_to_num(s.residual_b) > max_residual_px))
+    if len(high):
+        _warn(s, high, f"the tilts at {{tilts}} degrees are up to {s.residual_b[high].max() * s.px_b:.0f} Å from where "
+                       f"the 3D-feature model puts them (more than {max_residual_px * s.px_b:.0f} Å)")

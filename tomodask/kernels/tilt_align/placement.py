@@ -9,9 +9,9 @@ import numpy as np
 
 from tomodask.kernels.projector import project_volume
 from tomodask.kernels.tilt_align.axis import refine_tilt_axis_angle
-from tomodask.kernels.tilt_align.checks import _carried_outwards, _feature_placements, _outer_runs
+from tomodask.kernels.tilt_align.checks import _carried_outwards, _feature_placements, _neighbour_median, _outer_runs
 from tomodask.kernels.tilt_align.correlate import _stretched_reference
-from tomodask.kernels.tilt_align.state import _centre, _coarse, _fix_gauge, _height_term, _model, _State
+from tomodask.kernels.tilt_align.state import _centre, _coarse, _fix_gauge, _height_term, _model, _State, _warn
 from tomodask.kernels.tilt_align.warp import _rot_xy
 from tomodask.kernels.tilt_exclusion import ALIGNMENT_FAILED
 
@@ -73,7 +73,7 @@ def _neighbour_pass(s: _State) -> None:
     corr = s.coarse_corr
     refined = s.shifts_b.copy()
     for i in good:
-        sources = np.concatenate([good[good < i][-1:], good[good > i][:1]])
+        sources = _either_side(good, i)
         if i == start or len(sources) == 0:
             continue
         reference = _stretched_reference(s.binned, s.angles, i, sources, s.shifts_b, tilt_axis_angle_deg=s.axis)
@@ -101,11 +101,12 @@ def _second_chance(s: _State, *, min_relative_correlation: float, min_bead_ratio
     rotated = s.matcher.rotated(retry, s.axis)
     rot = _rot_xy(s.axis)
     centres = (_between_neighbours(s.shifts_b, retry, good)[:, ::-1] @ rot)[:, ::-1]
-    ncc_fit = s.matcher.measure(good, s.shifts_b, s.axis, s.angles)[1]
+    ncc_fit = np.full(len(s.use), np.nan)
+    ncc_fit[good] = s.matcher.measure(good, s.shifts_b, s.axis, s.angles)[1]
     corr = s.matcher.corr
     d, c, r = corr.match(corr.prepare(rotated), corr.prepare(reproj), centres_yx=centres,
                          radii_px=s.search_radius_px()[retry])
-    for k, (i, typical) in enumerate(zip(retry, _median_of_nearest(ncc_fit, good, retry, s.angles))):
+    for k, (i, typical) in enumerate(zip(retry, _neighbour_median(ncc_fit, s.angles, retry, among=good))):
         if r[k] >= s.min_peak_ratio and c[k] >= min_relative_correlation * typical:
             s.shifts_b[i], s.ok[i] = (rot @ d[k][::-1])[::-1], True
         else:
@@ -116,16 +117,22 @@ def _second_chance(s: _State, *, min_relative_correlation: float, min_bead_ratio
         _placed_by_beads(s, unplaced, min_ratio=min_bead_ratio, min_relative_correlation=min_relative_correlation)
 
 
-def _median_of_nearest(values: np.ndarray, good: np.ndarray, tilts: np.ndarray, angles: np.ndarray) -> np.ndarray:
-    """``(n,)`` for each of ``tilts``, the median of ``values`` (one per ``good``) over the 4
-    tilts of ``good`` nearest it in angle."""
-    return np.array([np.median(values[np.argsort(np.abs(angles[good] - angles[i]))[:4]]) for i in tilts])
+def _either_side(good: np.ndarray, i: int) -> np.ndarray:
+    """The nearest tilts of ``good`` (sorted) below and above tilt ``i``: none, one or two."""
+    return np.concatenate([good[good < i][-1:], good[good > i][:1]])
 
 
 def _between_neighbours(shifts_b: np.ndarray, tilts: np.ndarray, good: np.ndarray) -> np.ndarray:
     """``(n, 2)`` mean shift of the nearest tilts of ``good`` on either side of each of ``tilts``."""
-    return np.array([shifts_b[np.concatenate([good[good < i][-1:], good[good > i][:1]])].mean(axis=0)
-                     for i in tilts])
+    return np.array([shifts_b[_either_side(good, i)].mean(axis=0) for i in tilts])
+
+
+def _bead_placements(s: _State, idx: np.ndarray, shifts_b: np.ndarray, targets: np.ndarray | None = None):
+    """Where the 10 strongest beads of the reconstruction of the tilts ``idx`` put ``targets``
+    (default ``idx``): :func:`_feature_placements` with balls of 4 px, searched as widely as
+    the chain's links around their ``shifts_b``."""
+    return _feature_placements(s.matcher, s.angles, idx, shifts_b, s.axis, radius_px=s.search_radius_px(),
+                               n_features=10, min_strength=0.1, feature_radius_px=4.0, targets=targets)
 
 
 def _placed_by_beads(s: _State, tilts: np.ndarray, *, min_ratio: float, min_relative_correlation: float) -> None:
@@ -147,12 +154,11 @@ def _placed_by_beads(s: _State, tilts: np.ndarray, *, min_ratio: float, min_rela
         good = np.flatnonzero(s.ok)
         centres = s.shifts_b.copy()
         centres[tilts[todo]] = _between_neighbours(s.shifts_b, tilts[todo], good)
-        placement, c, ratio = _feature_placements(s.matcher, s.angles, good, centres, s.axis,
-                                                  radius_px=s.search_radius_px(), n_features=10, min_strength=0.1,
-                                                  feature_radius_px=4.0,
-                                                  targets=np.concatenate([good, tilts[todo]]))
+        placement, c, ratio = _bead_placements(s, good, centres, targets=np.concatenate([good, tilts[todo]]))
         k = np.flatnonzero(todo)
-        typical = _median_of_nearest(c[:len(good)], good, tilts[k], s.angles)
+        c_good = np.full(len(s.use), np.nan)
+        c_good[good] = c[:len(good)]
+        typical = _neighbour_median(c_good, s.angles, tilts[k], among=good)
         placed = (ratio[len(good):] >= min_ratio) & (c[len(good):] >= min_relative_correlation * typical)
         if not placed.any():
             return
@@ -205,9 +211,7 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
         if not gold_layers:
             break
         idx = np.flatnonzero(s.ok)
-        placement, _, ratio = _feature_placements(s.matcher, s.angles, idx, s.shifts_b, s.axis,
-                                                  radius_px=s.search_radius_px(), n_features=10, min_strength=0.1,
-                                                  feature_radius_px=4.0)
+        placement, _, ratio = _bead_placements(s, idx, s.shifts_b)
         far = np.hypot(*(placement - s.shifts_b[idx]).T)
         agree = far <= max_offset_px
         clear = ~agree & (ratio >= min_ratio)
@@ -237,10 +241,8 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
                                      f"of the reconstruction put it after {n_round} re-placements)")
             s.ok[idx[k]] = False
     if len(left):
-        listed = ", ".join(f"{a:+.0f}" for a in s.nominal[left])
-        s.alignment_warning = (f"alignment uncertain: the gold beads of the reconstruction put the tilts at {listed} "
-                               f"degrees more than {max_offset_px * s.px_b:.0f} Å from their shifts ({why}); check "
-                               "the tomogram, or exclude those tilts by hand and process the tilt-series again")
+        _warn(s, left, "the gold beads of the reconstruction put the tilts at {tilts} degrees more than "
+                       f"{max_offset_px * s.px_b:.0f} Å from their shifts ({why})")
 
 
 def _centre_specimen(s: _State, *, center_specimen: bool, estimate_tilt_angle_offset: bool) -> None:

@@ -223,6 +223,16 @@ def _fix_gauge(s: _State, kept: np.ndarray) -> None:
                   - (s.shifts_b[start] @ along) * along[None, :])
 
 
+def _warn(s: _State, tilts: np.ndarray, finding: str) -> None:
+    """Add to ``s.alignment_warning`` that ``tilts`` may be placed wrongly.
+
+    ``finding`` says why, with ``{tilts}`` where their nominal angles are listed.
+    """
+    warning = (f"alignment uncertain: {finding.format(tilts=', '.join(f'{a:+.0f}' for a in s.nominal[tilts]))}; "
+               "check the tomogram, or exclude those tilts by hand and process the tilt-series again")
+    s.alignment_warning = "; ".join(w for w in (s.alignment_warning, warning) if w)
+
+
 def _model_residuals(s: _State, idx: np.ndarray, fit: FeatureFit) -> None:
     """Residuals of the tilts ``idx`` the 3D-feature model ``fit`` measured: its correction and scatter."""
     if fit.n_features >= 3:
