@@ -24,7 +24,11 @@ def test_alignment_warning_flags_the_tilt_series(tmp_path):
         db.commit()
         session_id = session.id
     logs: list[tuple[str, str]] = []
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+    # A worker process, not a thread: an in-process worker registers distributed's GC
+    # diagnosis callback in this process, and a full collection running while it starts or
+    # stops leaves that callback a "stop" without a "start" (an AssertionError pytest
+    # reports in a later test).
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         track = PreprocessTrack(store, session_id, make_settings(tmp_path / "microscope", "s", "copy"),
                                 SessionLayout(tmp_path / "s"), client, task_resources=lambda gpu: {},
