@@ -144,6 +144,7 @@ def align_rows(*, quick: bool, cases: tuple[str, ...] = tuple(CASES), seeds: tup
                                                                            ts.tilt_angles_deg, use, px),
                              midplane_sigma_angstrom=res.specimen_z_uncertainty_angstrom,
                              centring=res.centring_method, centring_warning=res.centring_warning,
+                             alignment_warning=res.alignment_warning,
                              n_tilts_used=int(use.sum()), n_tilts=len(angles),
                              **far_tilts(res, (res.shifts_px + (bin_factor - 1) / 2) / bin_factor, truth_b,
                                          ts.tilt_angles_deg)))
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{r['case']}: centring {r['centring']!r}, mid-plane error {r['midplane_err_angstrom']:.0f} Å "
                   f"(stated standard error {r['midplane_sigma_angstrom']:.0f} Å){'; ' if r['centring_warning'] else ''}"
                   f"{r['centring_warning']}")
+            if r["alignment_warning"]:
+                print(f"{r['case']}: {r['alignment_warning']}")
     other = [r for r in rows if r.get("step") != "align"]
     if other:
         keys = sorted({k for r in other for k in r})

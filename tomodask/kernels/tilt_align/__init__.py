@@ -71,7 +71,11 @@ size (about 1/128 of the field of view):
    re-place the kept tilts, round after round (one still that far off after the last round
    is excluded). Then the 3D-feature model measures the axis once more on the kept tilts
    only (the global passes saw the excluded runs), taken beyond sqrt(2) standard errors
-   (where taking an unbiased estimate starts to help more than it hurts).
+   (where taking an unbiased estimate starts to help more than it hurts). When the kept
+   tilts correlate only weakly with their leave-one-out reprojections, none of these
+   checks can see a tilt on the wrong layer, nor the axis off: ``alignment_warning`` says
+   so and names the high tilts. With gold, kept tilts the beads still put elsewhere, and kept
+   tilts far from the 3D-feature model, are named there too.
 
 Shifts follow :mod:`tomodask.kernels.geometry`: *displacements* ``(dy, dx)`` of each
 image's content, in input pixels. :func:`apply_alignment` undoes them and rotates the

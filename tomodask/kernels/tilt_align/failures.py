@@ -1,7 +1,7 @@
 """Step 7 of :mod:`tomodask.kernels.tilt_align` on the shared state: residuals, failure detection
 against leave-one-out reprojections and, without gold, the link check, the recovery, the
-re-placement by the 3D-feature model and the final axis; the warning for kept tilts whose
-residuals stay large.
+re-placement by the 3D-feature model and the final axis, the warning when the signal is too
+weak to check the high tilts; the warning for kept tilts whose residuals stay large.
 """
 
 from __future__ import annotations
@@ -124,6 +124,26 @@ def _final_axis(s: _State, *, refine_tilt_axis: bool, recovered: list[int], repl
         s.residual_b[idx[redo]] = np.hypot(update[redo, 0], update[redo, 1])
     if turn or replaced:
         _model_residuals(s, idx, _final_model(s, idx))
+
+
+def _low_signal_warning(s: _State, *, min_correlation: float, central_deg: float) -> None:
+    """Without gold: warn when the signal is too weak to check the alignment.
+
+    When the kept tilts correlate with their leave-one-out reprojections at a median below
+    ``min_correlation``, neither the link check, nor the recovery, nor the 3D-feature model
+    can tell a tilt placed on the right layer of a thick specimen from one several pixels
+    off (the peaks those checks rely on are no clearer than the noise), and the tilt axis
+    is as uncertain; the kept tilts beyond ``central_deg``, which stand on the longest
+    stretches of the correlation chain, are named.
+    """
+    kept = s.kept()
+    median = float(np.median(s.ncc[kept]))
+    if median >= min_correlation:
+        return
+    high = np.flatnonzero(kept & (np.abs(s.nominal) > central_deg))
+    finding = (f"without gold, the tilts correlate with the reprojection of the others at {median:.2f} (median; "
+               f"below {min_correlation:.2f}), too little signal to check the tilt axis and the shifts")
+    _warn(s, high, finding + (", least of all those of the tilts at {tilts} degrees" if len(high) else ""))
 
 
 def _residual_warning(s: _State, *, max_residual_px: float) -> None:

@@ -65,7 +65,9 @@ class TiltSeriesAlignment:
     alignment_warning
         Non-empty when tilts may be placed wrongly but were kept (names them): with gold,
         the beads of the reconstruction put them elsewhere, where the beads could not be
-        trusted to re-place them; or their residuals exceed ``max_residual_px``.
+        trusted to re-place them; or their residuals exceed ``max_residual_px``; or,
+        without gold, the signal was too weak to check the high tilts
+        (``min_check_correlation``).
     """
 
     shifts_px: np.ndarray

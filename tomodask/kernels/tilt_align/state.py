@@ -226,10 +226,13 @@ def _fix_gauge(s: _State, kept: np.ndarray) -> None:
 def _warn(s: _State, tilts: np.ndarray, finding: str) -> None:
     """Add to ``s.alignment_warning`` that ``tilts`` may be placed wrongly.
 
-    ``finding`` says why, with ``{tilts}`` where their nominal angles are listed.
+    ``finding`` says why, with ``{tilts}`` where their nominal angles are listed (without
+    it, the finding is about the whole tilt-series).
     """
-    warning = (f"alignment uncertain: {finding.format(tilts=', '.join(f'{a:+.0f}' for a in s.nominal[tilts]))}; "
-               "check the tomogram, or exclude those tilts by hand and process the tilt-series again")
+    named = "{tilts}" in finding
+    advice = "check the tomogram" + (", or exclude those tilts by hand and process the tilt-series again" if named
+                                     else "")
+    warning = f"alignment uncertain: {finding.format(tilts=', '.join(f'{a:+.0f}' for a in s.nominal[tilts]))}; {advice}"
     s.alignment_warning = "; ".join(w for w in (s.alignment_warning, warning) if w)
 
 
