@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from pathlib import Path
 
 import dask
 import dask.config
 import pytest
-from distributed import LocalCluster, get_worker
+from distributed import Event, LocalCluster, get_worker
 from typer.testing import CliRunner
 
 from tomodask.cli_cluster import cluster_app
@@ -28,11 +27,11 @@ from tomodask.settings import ResourceSettings
 SHIPPED_PROFILES = ["local", "local-gpu", "slurm-cpu", "slurm-gpu", "address"]
 
 
-_RELEASE = threading.Event()  # processes=False: tasks and the test share this module
+_RELEASE = "tomodask-test-release"  # a cluster-wide distributed.Event
 
 
 def _wait_for_release(timeout_s: float) -> bool:
-    return _RELEASE.wait(timeout_s)
+    return Event(_RELEASE).wait(timeout_s)
 
 
 def _record_span(seconds: float) -> tuple[str, float, float]:
@@ -148,18 +147,20 @@ def test_clear_errors_at_start(monkeypatch, tmp_path):
 
 
 def test_address_profile_connects_and_reads_task_states():
-    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=None,
+    # A worker process: an in-process worker would register distributed's GC diagnosis in
+    # the test process, where a collection racing its start fails a later test.
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None,
                       resources={"threads": 1, "memory_gb": 4, "GPU": 0}) as cluster:
         with start_cluster("address", address=cluster.scheduler_address) as handle:
             assert handle.cluster is None and handle.worker_count() == 1
-            _RELEASE.clear()
+            release = Event(_RELEASE, client=handle.client)
             fut = handle.client.submit(_wait_for_release, 30, key=("movie", "ts01_001", "abc123"),
                                        resources=handle.task_resources(gpu_step=False))
             deadline = time.monotonic() + 10
             while handle.task_states([fut.key]).get(fut.key) != "processing" and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert handle.task_states([fut.key]) == {("movie", "ts01_001", "abc123"): "processing"}
-            _RELEASE.set()
+            release.set()
             assert fut.result() is True
             assert handle.task_states([fut.key, "never-submitted"]) == {fut.key: "memory"}
             with pytest.raises(ClusterError, match="tomodask did not start"):
