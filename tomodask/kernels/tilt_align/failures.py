@@ -137,7 +137,7 @@ def _low_signal_warning(s: _State, *, min_correlation: float, central_deg: float
     stretches of the correlation chain, are named.
     """
     kept = s.kept()
-    median = float(np.median(s.ncc[kept]))
+    median = float(np.nanmedian(s.ncc[kept]))
     if median >= min_correlation:
         return
     high = np.flatnonzero(kept & (np.abs(s.nominal) > central_deg))
