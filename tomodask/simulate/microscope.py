@@ -156,7 +156,8 @@ class SimulatedTilt:
     Attributes
     ----------
     frames
-        ``(t, y, x)`` uint8 raw counts, before gain correction.
+        ``(t, y, x)`` raw counts, before gain correction (uint8 movie frames; uint16 for
+        the one exposure of ``with_frames=False``).
     gain
         ``(y, x)`` float32 gain reference: ``corrected = raw * gain``.
     defect_mask
@@ -203,30 +204,34 @@ class Detector:
         g[self.dead_mask | self.hot_mask] = 1.0
         return g
 
-    def record(self, expected_e_per_px: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Count electrons: Poisson noise, sensitivity, dead and hot pixels; uint8 frames.
+    def record(self, expected_e_per_px: np.ndarray, rng: np.random.Generator, *,
+               dtype: type = np.uint8) -> np.ndarray:
+        """Count electrons: Poisson noise, sensitivity, dead and hot pixels.
 
         ``expected_e_per_px`` is a ``(t, y, x)`` array or a sequence of ``t`` ``(y, x)``
-        frames (see :meth:`record_frames`).
+        frames (see :meth:`record_frames`, also for ``dtype``).
         """
-        return self.record_frames(expected_e_per_px.__getitem__, len(expected_e_per_px), rng)
+        return self.record_frames(expected_e_per_px.__getitem__, len(expected_e_per_px), rng, dtype=dtype)
 
     def record_frames(self, expected_frame: Callable[[int], np.ndarray], n_frames: int,
-                      rng: np.random.Generator) -> np.ndarray:
+                      rng: np.random.Generator, *, dtype: type = np.uint8) -> np.ndarray:
         """:meth:`record` one frame at a time: ``expected_frame(i)`` gives frame ``i``'s ``(y, x)`` e-/px.
 
-        Only one frame of counts is held besides the ``(t, y, x)`` uint8 result (a
-        4096² x 40 movie needs about 1 GB instead of 15). The draws are those of one call
-        on the whole stack: Poisson counts frame after frame in C order, then the hot pixels
-        of every frame.
+        Only one frame of counts is held besides the ``(t, y, x)`` result (a 4096² x 40
+        uint8 movie needs about 1 GB instead of 15). The draws are those of one call on the
+        whole stack: Poisson counts frame after frame in C order, then the hot pixels of
+        every frame. Counts saturate at the largest value of ``dtype`` (255 for a movie's
+        uint8 frames, as a counting detector's frames; uint16 for one exposure holding a
+        whole tilt's dose).
         """
-        out = np.empty((n_frames,) + self.sensitivity.shape, dtype=np.uint8)
+        top = np.iinfo(dtype).max
+        out = np.empty((n_frames,) + self.sensitivity.shape, dtype=dtype)
         for i in range(n_frames):
             counts = rng.poisson(expected_frame(i) * self.sensitivity)
             counts[self.dead_mask] = 0
-            out[i] = np.clip(counts, 0, 255)
+            out[i] = np.clip(counts, 0, top)
         n_hot = int(self.hot_mask.sum())
-        out[:, self.hot_mask] = np.clip(rng.poisson(12.0, size=(n_frames, n_hot)), 0, 255)
+        out[:, self.hot_mask] = np.clip(rng.poisson(12.0, size=(n_frames, n_hot)), 0, top)
         return out
 
 
@@ -338,7 +343,9 @@ class TiltSeriesAcquisition:
             frames = self.detector.record_frames(
                 lambda f: np.clip(fourier_shift(expected32, shifts32[f])[crop], 0.0, None), n_frames, rng)
         else:
-            frames = self.detector.record(expected[crop][None], rng)
+            # the whole tilt's dose in one exposure stands for a movie's sum: it does not
+            # saturate at a frame's 255 counts (768 e-/px at 16 A/px and 3 e-/A2)
+            frames = self.detector.record(expected[crop][None], rng, dtype=np.uint16)
         truth = TiltTruth(
             acquisition_index=acquisition_index, nominal_tilt_angle_deg=nominal, tilt_angle_deg=tilt,
             tilt_axis_angle_deg=spec.tilt_axis_angle_deg, pixel_size_angstrom=spec.pixel_size_angstrom,
