@@ -180,6 +180,22 @@ def test_kept_tilts_far_from_the_feature_model_are_reported():
     assert all(f"{a:+.0f}" in finding for a in ts.nominal_tilt_angles_deg[high])
 
 
+def test_tilt_placed_by_the_reprojection_fails_where_the_beads_disagree():
+    # Seed 0 in a 4096 A field (256^2 at 16 A, aligned at 32 A): the chain cannot place
+    # +51 degrees and the reprojection of the others puts it 29 px off (peak ratio above
+    # 1.2); the beads' best peak is there (ratio 1.2, not clear) and the rest agree with
+    # their shifts. +51 fails with the reason; every kept tilt is within 1 px.
+    ts = simulate_tilt_series(0, shape_yx=(256, 256), pixel_size_angstrom=16.0, tilt_axis_angle_deg=TRUE_AXIS_DEG)
+    res = align_tilt_series(ts.images, ts.nominal_tilt_angles_deg, pixel_size_angstrom=16.0,
+                            tilt_axis_angle_deg=TRUE_AXIS_DEG + 3.0, alignment_pixel_size_angstrom=32.0)
+    failed = [float(ts.nominal_tilt_angles_deg[i]) for i, why in enumerate(res.exclusion_reason)
+              if why.startswith("alignment failed (placed by the reprojection of the others, but the gold beads")]
+    assert failed == [51.0]
+    assert res.excluded.sum() == 1
+    assert gauge_free_error_px(res, ts)[~res.excluded].max() < 1.0
+    assert abs(res.tilt_axis_angle_deg - TRUE_AXIS_DEG) < 0.2
+
+
 def test_tiny_preset_with_pre_tilt(tiny_pretilted):
     ts, res = tiny_pretilted
     assert abs(res.tilt_axis_angle_deg - TRUE_AXIS_DEG) < 0.2

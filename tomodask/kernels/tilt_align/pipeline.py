@@ -153,7 +153,9 @@ def align_tilt_series(
         re-places it there, and the tilts beyond it on its side take the move
         extrapolated linearly in ``sin(theta)``; the global passes then run again, up to
         ``n_feature_placement_rounds`` times. A tilt still that far off after the last
-        round is reported as ``"alignment failed (...)"`` and excluded. Before the
+        round is reported as ``"alignment failed (...)"`` and excluded; so is a tilt the
+        second chance placed by the reprojection of the others when the beads' best peak
+        (clear or not) is more than ``max_feature_placement_offset_px`` away. Before the
         global passes, the tilts that neither the chain nor the reprojection of the
         others could place are searched the same way (around their neighbours' shifts):
         a peak at least ``min_feature_placement_peak_ratio`` times the next best places

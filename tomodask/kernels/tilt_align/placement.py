@@ -109,6 +109,7 @@ def _second_chance(s: _State, *, min_relative_correlation: float, min_bead_ratio
     for k, (i, typical) in enumerate(zip(retry, _neighbour_median(ncc_fit, s.angles, retry, among=good))):
         if r[k] >= s.min_peak_ratio and c[k] >= min_relative_correlation * typical:
             s.shifts_b[i], s.ok[i] = (rot @ d[k][::-1])[::-1], True
+            s.placed_by_reprojection = np.append(s.placed_by_reprojection, int(i))
         else:
             s.failed[int(i)] = (f"{ALIGNMENT_FAILED} (correlation {c[k]:.2f} with the reprojection of the "
                                 f"others, typical {typical:.2f}, peak ratio {r[k]:.2f})")
@@ -200,12 +201,15 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
     When such tilts lie within 15° of 0° or are more than a quarter of the tilts, the
     beads are not trusted (the alignment is broken elsewhere) and the rounds are undone.
     Kept tilts the beads still put clearly elsewhere (these, or ones between tilts they
-    place where they are) are named in ``s.alignment_warning``.
+    place where they are) are named in ``s.alignment_warning``; a tilt the second chance
+    placed by the reprojection of the others fails when the beads' best peak is elsewhere
+    (:func:`_contradicted_by_beads`).
     """
     gold_layers = s.geometry.method.startswith("gold")
     n_rounds = int(n_rounds) if gold_layers else 0
     before_rounds = None  # shifts and axis after the first passes, restored when the beads are not used
     left, why = np.zeros(0, int), "not an outer run of their side, which the beads re-place"
+    trusted = gold_layers
     for n_round in range(1 + n_rounds):
         _consistency_passes(s, n_iterations=n_iterations, fit_axis=fit_axis)
         if not gold_layers:
@@ -224,7 +228,7 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
         if off[core].any() or off.sum() > len(idx) / 4:
             if before_rounds is not None:
                 s.shifts_b, s.axis = before_rounds
-            left = idx[clear]
+            left, trusted = idx[clear], False
             why = ("some within 15 degrees of 0" if off[core].any() else "more than a quarter of the tilts") + (
                 ", where the beads are not trusted to re-place them")
             break
@@ -240,9 +244,28 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
             s.failed[int(idx[k])] = (f"{ALIGNMENT_FAILED} (still {far[k] * s.px_b:.0f} Å from where the gold beads "
                                      f"of the reconstruction put it after {n_round} re-placements)")
             s.ok[idx[k]] = False
+    if trusted:
+        left = _contradicted_by_beads(s, idx, far, max_offset_px=max_offset_px, left=left)
     if len(left):
         _warn(s, left, "the gold beads of the reconstruction put the tilts at {tilts} degrees more than "
                        f"{max_offset_px * s.px_b:.0f} Å from their shifts ({why})")
+
+
+def _contradicted_by_beads(s: _State, idx: np.ndarray, far: np.ndarray, *, max_offset_px: float,
+                           left: np.ndarray) -> np.ndarray:
+    """Fail the tilts the second chance placed by the reprojection where the beads' best peak is elsewhere.
+
+    ``far`` is how far (alignment pixels) the beads put each tilt of ``idx`` from its
+    shift. Such a tilt had no reliable neighbour link, and two placements of it disagree
+    by more than ``max_offset_px``, clear peak or not (on the wide-field and benchmark
+    series every right one agrees within 0.3 px). Returns ``left`` without them.
+    """
+    wrong = np.isin(idx, s.placed_by_reprojection) & (far > max_offset_px) & s.ok[idx]
+    for k in np.flatnonzero(wrong):
+        s.failed[int(idx[k])] = (f"{ALIGNMENT_FAILED} (placed by the reprojection of the others, but the gold beads "
+                                 f"of the reconstruction put it {far[k] * s.px_b:.0f} Å away)")
+        s.ok[idx[k]] = False
+    return left[~np.isin(left, idx[wrong])]
 
 
 def _centre_specimen(s: _State, *, center_specimen: bool, estimate_tilt_angle_offset: bool) -> None:

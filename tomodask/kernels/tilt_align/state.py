@@ -69,6 +69,8 @@ class _State:
         ``(t,)`` correlations with the leave-one-out reprojections and residuals.
     alignment_warning
         Non-empty when a check found tilts it could neither confirm nor re-place.
+    placed_by_reprojection
+        Tilts the second chance placed by the reprojection of the others (step 4).
     """
 
     binned: object
@@ -102,6 +104,7 @@ class _State:
     ncc: np.ndarray | None = None
     residual_b: np.ndarray | None = None
     alignment_warning: str = ""
+    placed_by_reprojection: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
 
     def search_radius_px(self) -> np.ndarray:
         """``(t,)`` radius of the chain's shift search at each tilt."""
