@@ -200,3 +200,15 @@ def test_systemd_unit_runs_an_existing_command(unit):
     out = CliRunner().invoke(app, [*commands, "--help"])
     assert out.exit_code == 0, out.output
     assert all(opt in out.output for opt in options), (options, out.output)
+
+
+def _gc_diagnosis_on() -> bool:
+    import gc
+
+    return any("GCDiagnosis" in repr(cb) for cb in gc.callbacks)
+
+
+def test_started_workers_run_without_the_gc_diagnosis():
+    res = ResourceSettings(threads_per_task=1, memory_per_task_gb=1.0, gpus_per_task=0, max_workers=1)
+    with start_cluster("local", resources=res) as handle:
+        assert handle.client.run(_gc_diagnosis_on) == {w: False for w in handle.client.scheduler_info()["workers"]}

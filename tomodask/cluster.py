@@ -55,7 +55,7 @@ from typing import Any
 
 import dask.config
 import yaml
-from distributed import Client
+from distributed import Client, WorkerPlugin
 
 from tomodask.settings import ResourceSettings
 
@@ -398,6 +398,23 @@ def _as_key(key: Any) -> Hashable:
     return tuple(_as_key(k) for k in key) if isinstance(key, list) else key
 
 
+class _NoGCDiagnosis(WorkerPlugin):
+    """Switch off distributed's GC diagnosis on each worker of a cluster tomodask starts.
+
+    It only logs how long full collections take, from a callback run inside every full
+    collection; there it has failed with a "stop" without a "start" and hung a worker
+    (main thread parked in the callback while a task thread started a thread: the single-
+    node SLURM test, 2026-11-25).
+    """
+
+    name = "tomodask-no-gc-diagnosis"
+
+    def setup(self, worker) -> None:
+        from distributed.gc import disable_gc_diagnosis
+
+        disable_gc_diagnosis(force=True)
+
+
 class ClusterHandle:
     """A running cluster and the client connected to it.
 
@@ -657,6 +674,7 @@ def _start_local(profile: str, cfg: dict[str, Any], resources: ResourceSettings,
         cluster = LocalCluster(processes=bool(cfg.get("processes", True)), **kwargs)
     try:
         client = Client(cluster)
+        client.register_plugin(_NoGCDiagnosis())
     except BaseException:
         cluster.close()
         raise
@@ -685,6 +703,7 @@ def _start_slurm(profile: str, cfg: dict[str, Any], resources: ResourceSettings)
         slurm_job_name=plan["job_name"], log_directory=plan["job_kwargs"].get("log_directory"),
     )
     try:
+        handle.client.register_plugin(_NoGCDiagnosis())
         initial = min(int(cfg.get("initial-workers") or 0), resources.max_workers)
         if initial:
             handle.scale(initial)
