@@ -10,8 +10,8 @@ from tomodask.io.mdoc import read_mdoc
 from tomodask.io.movies import read_movie
 from tomodask.kernels.ctf_model import ctf_2d
 from tomodask.kernels.fourier import cross_correlation, fourier_shift, radial_average, subpixel_peak
-from tomodask.simulate import dose_symmetric_order, simulate_single_tilt, simulate_tilt_series
-from tomodask.simulate.microscope import TiltSeriesAcquisition
+from tomodask.simulate import dose_symmetric_order, simulate_single_tilt
+from tomodask.simulate.microscope import AcquisitionSpec, TiltSeriesAcquisition
 from tomodask.simulate.writer import encode_tiff_lzw
 
 
@@ -141,9 +141,9 @@ def test_streaming_writes_movies_in_pieces_and_grows_the_mdoc(tmp_path):
 def test_one_exposure_tilt_holds_the_whole_dose_at_coarse_pixels():
     # 3 e-/A2 at 16 A/px is 768 e-/px: the one exposure that stands for a movie's sum
     # records it (a frame's 255-count ceiling clipped such tilts flat before).
-    ts = simulate_tilt_series(0, shape_yx=(64, 64), pixel_size_angstrom=16.0, tilt_range_deg=(-3.0, 3.0),
-                              tilt_step_deg=3.0, n_dead_pixels=0, n_hot_pixels=0)
-    tilt = TiltSeriesAcquisition(ts.spec, seed=0).tilt(0, with_frames=False)
+    spec = AcquisitionSpec(shape_yx=(64, 64), pixel_size_angstrom=16.0, tilt_range_deg=(-3.0, 3.0),
+                           tilt_step_deg=3.0, n_dead_pixels=0, n_hot_pixels=0)
+    tilt = TiltSeriesAcquisition(spec, seed=0).tilt(0, with_frames=False)
     recorded = tilt.frames.astype(np.float64) * tilt.gain
     assert tilt.frames.max() > 255
     assert recorded.mean() == pytest.approx(tilt.noiseless.mean(), rel=0.01)

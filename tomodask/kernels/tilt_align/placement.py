@@ -109,10 +109,10 @@ def _second_chance(s: _State, *, min_relative_correlation: float, min_bead_ratio
     for k, (i, typical) in enumerate(zip(retry, _neighbour_median(ncc_fit, s.angles, retry, among=good))):
         if r[k] >= s.min_peak_ratio and c[k] >= min_relative_correlation * typical:
             s.shifts_b[i], s.ok[i] = (rot @ d[k][::-1])[::-1], True
-            s.placed_by_reprojection = np.append(s.placed_by_reprojection, int(i))
         else:
             s.failed[int(i)] = (f"{ALIGNMENT_FAILED} (correlation {c[k]:.2f} with the reprojection of the "
                                 f"others, typical {typical:.2f}, peak ratio {r[k]:.2f})")
+    s.placed_by_reprojection = retry[s.ok[retry]]
     unplaced = retry[np.isin(retry, list(s.failed))]
     if s.geometry.method.startswith("gold") and len(unplaced):
         _placed_by_beads(s, unplaced, min_ratio=min_bead_ratio, min_relative_correlation=min_relative_correlation)
