@@ -182,9 +182,10 @@ def reconstruct_rows(*, quick: bool, seeds: tuple[int, ...] = (0, 1), central_on
     Quick: 128 px at 12 A/px. Full: 256 px at 8 A/px, plus a full-size tilt-series, a
     4096 px detector at 1.5 A/px binned 8x (512 px at 12 A/px), simulated directly at the
     binned pixel size. Whole volumes: every tomodask setting, astra FBP (and
-    torch-tomogram on the smaller one; seed 0); central slices of each of ``seeds`` at 3
-    and 1 e-/A2 per tilt (and 16 of the full-size one, seed 0): astra's iterative methods
-    too (too slow for whole volumes). ``central_only``: no whole volumes.
+    torch-tomogram on the smaller one; seed 0), and astra's iterative methods on the quick
+    one (too slow for the full-size ones); central slices of each of ``seeds`` at 3 and
+    1 e-/A2 per tilt (and 16 of the full-size one, seed 0): astra's iterative methods too.
+    ``central_only``: no whole volumes.
     """
     size, px, n_slices = (128, 12.0, 16) if quick else (256, 8.0, 32)
     subsets = [make_case(size_px=size, pixel_size_angstrom=px, dose_per_tilt=dose, seed=seed, n_slices=n_slices)
@@ -195,19 +196,21 @@ def reconstruct_rows(*, quick: bool, seeds: tuple[int, ...] = (0, 1), central_on
         return run_all(case_runs([], subsets))
     full = make_case(size_px=size, pixel_size_angstrom=px, dose_per_tilt=3.0)
     wholes = [full] if quick else [full, make_case(size_px=512, pixel_size_angstrom=12.0, dose_per_tilt=3.0)]
-    runs = case_runs(wholes, subsets)
+    runs = case_runs(wholes, subsets, iterative_wholes=quick)
     runs.append(("torch-tomogram (CPU)", full, torch_tomogram_reconstruct))
     return run_all(runs)
 
 
-def case_runs(wholes: list[Case], subsets: list[Case]) -> list[tuple[str, Case, Callable[[Case], np.ndarray]]]:
+def case_runs(wholes: list[Case], subsets: list[Case], *,
+              iterative_wholes: bool = False) -> list[tuple[str, Case, Callable[[Case], np.ndarray]]]:
     """(tool, case, function) for every tomodask setting and astra FBP on all cases, and
-    astra's iterative methods on the (central-slice) ``subsets``."""
+    astra's iterative methods on the (central-slice) ``subsets`` and, if
+    ``iterative_wholes``, on the ``wholes`` too."""
     runs: list[tuple[str, Case, Callable[[Case], np.ndarray]]] = []
     for case in wholes + subsets:
         runs += [(tool, case, fn) for tool, fn in _ours()]
         runs.append(("astra FBP ram-lak (CPU)", case, lambda c: astra_reconstruct(c, "FBP")))
-    for case in subsets:
+    for case in (wholes if iterative_wholes else []) + subsets:
         runs += [(tool, case, fn) for tool, fn in _iterative_peers()]
     return runs
 
