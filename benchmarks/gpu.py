@@ -24,7 +24,7 @@ Tilt-series
     reconstruction at 8 Å (bin 4) with phase flipping and dose weighting, OME-Zarr + MRC and
     thumbnails. Errors: tilt-axis angle, and per-tilt shift error at the alignment pixel
     after removing a common offset (``residual_px``: the specimen's height is part of it)
-    and also the height term ``z0 sin(theta)`` (``residual_px_gauge_free``), over the kept tilts.
+    or a rigid translation of the specimen (``residual_px_gauge_free``), over the kept tilts.
 
 Run::
 

@@ -24,8 +24,9 @@ Alignment cases (simulated with the simulator's defaults: shift spread 2 % of th
 
 Errors at the alignment pixel size, per tilt, max and median over the tilts each tool kept:
 ``offset_err`` after removing only a common offset (what a reconstruction centred on the
-specimen needs); ``gauge_free_err`` after also removing the rotation-centre height term
-``z0 sin(theta)`` (what the projections alone fix). The peers do not centre, so only their
+specimen needs); ``gauge_free_err`` after removing instead a rigid translation of the
+specimen, ``X cos(theta) + Z sin(theta)`` across the axis and a constant along it (what the
+projections alone fix; :func:`gauge_free_residuals_px`). The peers do not centre, so only their
 gauge-free errors are comparable. The peers get the binned stack (Fourier-binned outside
 their timing) and the true or nominal axis; tomodask's time includes its own binning,
 exclusion, axis search, centring and failure checks. ``cpu_seconds`` is the process time
@@ -50,6 +51,7 @@ from tomodask.kernels.fourier import fourier_crop  # noqa: E402
 from tomodask.kernels.tilt_align import (  # noqa: E402
     align_tilt_series,
     apply_alignment,
+    gauge_free_residuals_px,
     gauge_free_shift_error_px,
 )
 from tomodask.simulate import simulate_tilt_series  # noqa: E402
@@ -89,20 +91,18 @@ def errors_px(shifts_px, truth_px, angles_deg, use) -> tuple[np.ndarray, np.ndar
 
 def far_tilts(res, shifts_b, truth_b, angles_deg) -> dict:
     """How many aligned tilts (kept or excluded by alignment) are more than 2 px off, with
-    the common offset (and the height term) fitted on the kept tilts; how many of those
-    were excluded."""
+    the common offset (or the rigid translation of the specimen) fitted on the kept tilts;
+    how many of those were excluded."""
     aligned = np.isfinite(shifts_b[:, 0])
     keep = ~res.excluded
     d = shifts_b - truth_b
-    a = np.deg2rad(TRUE_AXIS)
-    design = np.zeros((len(d), 2, 3))
-    design[:, 0, 0] = design[:, 1, 1] = 1.0
-    design[:, :, 2] = np.sin(np.deg2rad(angles_deg))[:, None] * np.array([np.sin(a), np.cos(a)])
+    offset = d - d[keep].mean(axis=0)
+    errors = {"offset": np.hypot(offset[:, 0], offset[:, 1]),
+              "gauge_free": gauge_free_residuals_px(shifts_b, truth_b, angles_deg, tilt_axis_angle_deg=TRUE_AXIS,
+                                                    fit=keep)}
     out = {}
-    for tag, cols in (("offset", 2), ("gauge_free", 3)):
-        coef, *_ = np.linalg.lstsq(design[keep, :, :cols].reshape(-1, cols), d[keep].ravel(), rcond=None)
-        r = d - design[:, :, :cols] @ coef
-        far = aligned & (np.hypot(r[:, 0], r[:, 1]) > 2.0)
+    for tag, err in errors.items():
+        far = aligned & (err > 2.0)
         out[f"n_far_{tag}"] = int(far.sum())
         out[f"n_far_{tag}_excluded"] = int((far & res.excluded).sum())
     return out

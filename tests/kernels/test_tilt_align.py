@@ -17,6 +17,7 @@ from tomodask.kernels.tilt_align import (
     TiltSeriesAlignment,
     align_tilt_series,
     apply_alignment,
+    gauge_free_residuals_px,
     gauge_free_shift_error_px,
     specimen_geometry,
 )
@@ -301,20 +302,29 @@ def test_no_gold_centred_on_the_structure_with_its_uncertainty(no_gold):
     assert abs(res.tilt_axis_angle_deg - TRUE_AXIS_DEG) < 0.2
 
 
+def test_gauge_free_error_removes_a_rigid_translation_only():
+    """A translation (X, Y, Z) of the specimen (50, -30, 80 px) leaves no error; a shift of
+    every tilt by 2 px across the axis (a misplaced rotation axis) is not one: X cos(theta)
+    fits it best with X = 2.35 px, which leaves 0.82 px at +-60 degrees."""
+    angles = np.arange(-60.0, 61.0, 3.0)
+    theta, a = np.deg2rad(angles), np.deg2rad(TRUE_AXIS_DEG)
+    across, along = np.array([np.sin(a), np.cos(a)]), np.array([np.cos(a), -np.sin(a)])
+    truth = np.zeros((len(angles), 2))
+    rigid = -30.0 * along + (50.0 * np.cos(theta) + 80.0 * np.sin(theta))[:, None] * across
+    assert gauge_free_residuals_px(rigid, truth, angles, tilt_axis_angle_deg=TRUE_AXIS_DEG).max() < 1e-9
+    offset = np.broadcast_to(2.0 * across, truth.shape)
+    err = gauge_free_shift_error_px(offset, truth, angles, tilt_axis_angle_deg=TRUE_AXIS_DEG)
+    assert err.max() == pytest.approx(0.82, abs=0.01)
+
+
 def gauge_free_error_px(res: TiltSeriesAlignment, ts, fit: np.ndarray | None = None) -> np.ndarray:
     """Per-tilt error at the alignment pixel size (NaN for tilts excluded before alignment)
-    after removing the common offset and the ``z0 sin(theta)`` height term fitted on the
-    tilts ``fit`` (default: the kept ones): what the projections fix, for kept and
-    alignment-failed tilts alike."""
-    d = (res.shifts_px - ts.shifts_px) * res.pixel_size_angstrom / res.alignment_pixel_size_angstrom
-    a = np.deg2rad(TRUE_AXIS_DEG)
-    design = np.zeros((len(d), 2, 3))
-    design[:, 0, 0] = design[:, 1, 1] = 1.0
-    design[:, :, 2] = np.sin(np.deg2rad(ts.tilt_angles_deg))[:, None] * np.array([np.sin(a), np.cos(a)])
-    fit = ~res.excluded if fit is None else fit
-    coef, *_ = np.linalg.lstsq(design[fit].reshape(-1, 3), d[fit].ravel(), rcond=None)
-    r = d - design @ coef
-    return np.hypot(r[:, 0], r[:, 1])
+    after removing the rigid translation of the specimen fitted on the tilts ``fit``
+    (default: the kept ones): what the projections fix, for kept and alignment-failed
+    tilts alike."""
+    scale = res.pixel_size_angstrom / res.alignment_pixel_size_angstrom
+    return gauge_free_residuals_px(res.shifts_px * scale, ts.shifts_px * scale, ts.tilt_angles_deg,
+                                   tilt_axis_angle_deg=TRUE_AXIS_DEG, fit=~res.excluded if fit is None else fit)
 
 
 def test_no_gold_far_tilts_are_not_kept_silently(no_gold):

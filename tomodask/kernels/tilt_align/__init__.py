@@ -107,7 +107,11 @@ from tomodask.kernels.tilt_align.correlate import coarse_align_shifts
 from tomodask.kernels.tilt_align.features import FeatureFit, refine_with_features
 from tomodask.kernels.tilt_align.pipeline import align_tilt_series
 from tomodask.kernels.tilt_align.reprojection import leave_one_out_reprojections
-from tomodask.kernels.tilt_align.result import TiltSeriesAlignment, gauge_free_shift_error_px
+from tomodask.kernels.tilt_align.result import (
+    TiltSeriesAlignment,
+    gauge_free_residuals_px,
+    gauge_free_shift_error_px,
+)
 from tomodask.kernels.tilt_align.specimen import SpecimenGeometry, specimen_geometry
 from tomodask.kernels.tilt_align.warp import FILLS, apply_alignment
 
@@ -120,6 +124,7 @@ __all__ = [
     "apply_alignment",
     "coarse_align_shifts",
     "common_line_score",
+    "gauge_free_residuals_px",
     "gauge_free_shift_error_px",
     "leave_one_out_reprojections",
     "refine_tilt_axis_angle",

@@ -89,6 +89,51 @@ class TiltSeriesAlignment:
     alignment_warning: str = ""
 
 
+def gauge_free_residuals_px(
+    shifts_px: np.ndarray,
+    truth_px: np.ndarray,
+    tilt_angles_deg: np.ndarray,
+    *,
+    tilt_axis_angle_deg: float,
+    fit: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-tilt shift error once a rigid translation of the specimen, fitted on some tilts, is removed.
+
+    Parameters
+    ----------
+    shifts_px, truth_px
+        ``(t, 2)`` estimated and true displacements ``(dy, dx)``.
+    tilt_angles_deg
+        ``(t,)`` true tilt angles.
+    tilt_axis_angle_deg
+        True tilt-axis angle.
+    fit
+        ``(t,)`` bool, tilts the translation is fitted on (default: all).
+
+    Returns
+    -------
+    ndarray
+        ``(t,)`` error lengths of every tilt after the least-squares fit on ``fit`` of what
+        no projection data can fix: a translation ``(X, Y, Z)`` of the specimen, which
+        moves tilt ``theta``'s image by ``Y`` along the axis and ``X cos(theta) + Z
+        sin(theta)`` across it (``Z`` is the height of the rotation centre, ``X`` and
+        ``Y`` move the tomogram in its plane). A shift common to all tilts across the axis
+        is not of that form (it misplaces the rotation axis) and stays in the error.
+    """
+    d = np.asarray(shifts_px, dtype=np.float64) - np.asarray(truth_px, dtype=np.float64)
+    n = len(d)
+    fit = np.ones(n, bool) if fit is None else np.asarray(fit, bool)
+    a = np.deg2rad(tilt_axis_angle_deg)
+    across = np.array([np.sin(a), np.cos(a)])  # (dy, dx) unit vector across the axis
+    along = np.array([np.cos(a), -np.sin(a)])
+    theta = np.deg2rad(np.asarray(tilt_angles_deg, dtype=np.float64))
+    design = np.stack([np.broadcast_to(along, (n, 2)), np.cos(theta)[:, None] * across,
+                       np.sin(theta)[:, None] * across], axis=-1)  # (t, 2, 3)
+    coef, *_ = np.linalg.lstsq(design[fit].reshape(-1, 3), d[fit].ravel(), rcond=None)
+    r = d - design @ coef
+    return np.hypot(r[:, 0], r[:, 1])
+
+
 def gauge_free_shift_error_px(
     shifts_px: np.ndarray,
     truth_px: np.ndarray,
@@ -113,18 +158,9 @@ def gauge_free_shift_error_px(
     Returns
     -------
     ndarray
-        ``(n_used,)`` error lengths after a least-squares fit and removal of a common
-        translation and of ``z0 sin(theta)`` perpendicular to the axis (the height of the
-        rotation centre: changing it only moves the tomogram along z).
+        ``(n_used,)`` error lengths of the ``use`` tilts after removing the rigid
+        translation of the specimen fitted on them (:func:`gauge_free_residuals_px`).
     """
-    d = np.asarray(shifts_px, dtype=np.float64) - np.asarray(truth_px, dtype=np.float64)
-    n = len(d)
-    use = np.ones(n, bool) if use is None else np.asarray(use, bool)
-    a = np.deg2rad(tilt_axis_angle_deg)
-    u_hat = np.array([np.sin(a), np.cos(a)])
-    design = np.stack([np.tile([1.0, 0.0], n), np.tile([0.0, 1.0], n),
-                       (np.sin(np.deg2rad(tilt_angles_deg))[:, None] * u_hat).ravel()], axis=1)
-    rows = np.repeat(use, 2)
-    coef, *_ = np.linalg.lstsq(design[rows], d.ravel()[rows], rcond=None)
-    r = (d.ravel() - design @ coef).reshape(n, 2)
-    return np.hypot(r[:, 0], r[:, 1])[use]
+    use = np.ones(len(shifts_px), bool) if use is None else np.asarray(use, bool)
+    return gauge_free_residuals_px(shifts_px, truth_px, tilt_angles_deg, tilt_axis_angle_deg=tilt_axis_angle_deg,
+                                   fit=use)[use]
