@@ -142,18 +142,14 @@ def gauge_free_shift_error_px(
     tilt_axis_angle_deg: float,
     use: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per-tilt shift error once the parts no projection data can fix are removed.
+    """Per-tilt shift error of some tilts once the parts no projection data can fix are removed.
 
     Parameters
     ----------
-    shifts_px, truth_px
-        ``(t, 2)`` estimated and true displacements ``(dy, dx)``.
-    tilt_angles_deg
-        ``(t,)`` true tilt angles.
-    tilt_axis_angle_deg
-        True tilt-axis angle.
+    shifts_px, truth_px, tilt_angles_deg, tilt_axis_angle_deg
+        As in :func:`gauge_free_residuals_px`.
     use
-        ``(t,)`` bool, tilts to compare (default: all).
+        ``(t,)`` bool, tilts to compare and to fit on (default: all).
 
     Returns
     -------
