@@ -102,11 +102,12 @@ def tiny_pretilted():
     return ts, result
 
 
-def wide_field_series(seed: int):
+def wide_field_series(seed: int, **options):
     """A 2048 A field (256^2 at 8 A) aligned at 16 A from a nominal axis 3 degrees off."""
     ts = simulate_tilt_series(seed, shape_yx=(256, 256), pixel_size_angstrom=8.0, tilt_axis_angle_deg=TRUE_AXIS_DEG)
     return ts, align_tilt_series(ts.images, ts.nominal_tilt_angles_deg, pixel_size_angstrom=8.0,
-                                 tilt_axis_angle_deg=TRUE_AXIS_DEG + 3.0, alignment_pixel_size_angstrom=16.0)
+                                 tilt_axis_angle_deg=TRUE_AXIS_DEG + 3.0, alignment_pixel_size_angstrom=16.0,
+                                 **options)
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,26 @@ def test_wide_field_chain_on_the_other_bead_layer_re_placed_by_the_beads(wide_fi
     assert res.alignment_warning == ""
 
 
+@pytest.mark.parametrize("shape_yx, pixel_size_angstrom, seed", [((256, 360), 6.0, 1), ((256, 256), 8.0, 11)])
+def test_sides_on_different_bead_layers_put_at_one_height(shape_yx, pixel_size_angstrom, seed):
+    # Near 0 degrees the beads of the two surfaces (1400 A apart) merge and the chain
+    # cannot place the tilts there; further out the positive side follows one bead layer
+    # and the negative side the other: every negative tilt was off by dz sin(theta), up to
+    # 48 px (256 x 360 at 6 A, wider along the axis than across it, seed 1: no warning)
+    # or 26 px (the 2048 A field, seed 11) at -60 degrees, with low residuals. The
+    # one-sided reconstructions' features lie 114 (86) px apart in height; the negative
+    # side is raised.
+    ts = simulate_tilt_series(seed, shape_yx=shape_yx, pixel_size_angstrom=pixel_size_angstrom,
+                              tilt_axis_angle_deg=TRUE_AXIS_DEG)
+    res = align_tilt_series(ts.images, ts.nominal_tilt_angles_deg, pixel_size_angstrom=pixel_size_angstrom,
+                            tilt_axis_angle_deg=TRUE_AXIS_DEG + 3.0, alignment_pixel_size_angstrom=2 * pixel_size_angstrom)
+    assert not res.excluded.any(), [r for r in res.exclusion_reason if r]
+    assert gauge_free_error_px(res, ts).max() <= 1.0
+    assert abs(res.tilt_axis_angle_deg - TRUE_AXIS_DEG) < 0.2
+    assert abs(height_error_angstrom(res, ts)) < 50.0
+    assert res.alignment_warning == ""
+
+
 def test_wide_field_tilts_no_reference_could_place_are_placed_by_the_beads():
     # Seed 2: where beads of the two surfaces cross (-21, -18, -12 and +30 degrees) neither
     # the chain's stretched neighbours nor the reprojection of the whole volume give a
@@ -144,10 +165,11 @@ def test_wide_field_tilts_no_reference_could_place_are_placed_by_the_beads():
 
 
 def test_wide_field_tilts_the_beads_put_elsewhere_near_zero_are_reported():
-    # Seed 6: the chain jumps to the other bead layer at -6 degrees (the whole negative
-    # side 7-44 px off, consistent with its neighbours). The beads put -6..-21 elsewhere,
-    # but so close to 0 they are not trusted to re-place them: the series must say so.
-    ts, res = wide_field_series(6)
+    # Seed 6 with the sides left at their own heights (min_side_height_offset_px=inf): the
+    # chain jumps to the other bead layer at -6 degrees (the whole negative side 7-44 px
+    # off, consistent with its neighbours). The beads put -6..-21 elsewhere, but so close
+    # to 0 they are not trusted to re-place them: the series must say so.
+    ts, res = wide_field_series(6, min_side_height_offset_px=np.inf)
     gauge_free = gauge_free_error_px(res, ts)[~res.excluded]
     assert gauge_free.max() > 5.0  # still wrong: the warning is not a false alarm
     assert res.alignment_warning.startswith("alignment uncertain")
@@ -155,28 +177,31 @@ def test_wide_field_tilts_the_beads_put_elsewhere_near_zero_are_reported():
 
 
 def test_wide_field_tilts_the_beads_put_elsewhere_between_agreeing_ones_are_reported():
-    # Seed 11: the alignment is broken (tilts 20-29 px off); the beads place -60, -57 and
-    # -45 degrees clearly elsewhere, but between tilts they place where they are (not an
-    # outer run, which they would re-place): the series must say so.
-    ts, res = wide_field_series(11)
-    gauge_free = gauge_free_error_px(res, ts)[~res.excluded]
-    assert gauge_free.max() > 5.0
-    assert res.alignment_warning.startswith("alignment uncertain: the gold beads")
-    assert "-60, -57, -45 degrees" in res.alignment_warning
+    # Seed 1 in a 4096 A field (256^2 at 16 A, aligned at 32 A): +57 degrees is kept 38 px
+    # off; the beads place it clearly elsewhere, but between tilts they place where they
+    # are (not an outer run, which they would re-place): the series must say so.
+    ts = simulate_tilt_series(1, shape_yx=(256, 256), pixel_size_angstrom=16.0, tilt_axis_angle_deg=TRUE_AXIS_DEG)
+    res = align_tilt_series(ts.images, ts.nominal_tilt_angles_deg, pixel_size_angstrom=16.0,
+                            tilt_axis_angle_deg=TRUE_AXIS_DEG + 3.0, alignment_pixel_size_angstrom=32.0)
+    gauge_free = gauge_free_error_px(res, ts, fit=~res.excluded & (np.abs(ts.nominal_tilt_angles_deg) <= 30))
+    assert gauge_free[~res.excluded].max() > 5.0
+    finding = next(w for w in res.alignment_warning.split("; alignment uncertain: ") if "not an outer run" in w)
+    wrong = ~res.excluded & (gauge_free > 5.0)
+    assert all(f"{a:+.0f}" in finding for a in ts.nominal_tilt_angles_deg[wrong])
 
 
 def test_kept_tilts_far_from_the_feature_model_are_reported():
     # Seed 1 in a 3072 A field (256^2 at 12 A, aligned at 24 A: 4 beads of 2-4 px): the
-    # alignment fails (kept tilts up to 23 px off) and the beads cannot re-place them all;
-    # the +48 and +51 degree tilts also stay more than an alignment pixel from the
-    # 3D-feature model, and that is said too.
+    # alignment fails (+33..+60 degrees kept 31-49 px off) and the beads cannot re-place
+    # them; +60 also stays more than an alignment pixel from the 3D-feature model, and
+    # that is said too.
     ts = simulate_tilt_series(1, shape_yx=(256, 256), pixel_size_angstrom=12.0, tilt_axis_angle_deg=TRUE_AXIS_DEG)
     res = align_tilt_series(ts.images, ts.nominal_tilt_angles_deg, pixel_size_angstrom=12.0,
                             tilt_axis_angle_deg=TRUE_AXIS_DEG + 3.0, alignment_pixel_size_angstrom=24.0)
     gauge_free = gauge_free_error_px(res, ts)[~res.excluded]
     assert gauge_free.max() > 5.0  # wrong: the warning is not a false alarm
     high = ~res.excluded & (res.residual_px / 2.0 > 1.0)
-    assert high.sum() >= 2
+    assert high.sum() >= 1
     finding = next(w for w in res.alignment_warning.split("; alignment uncertain: ") if "3D-feature model" in w)
     assert all(f"{a:+.0f}" in finding for a in ts.nominal_tilt_angles_deg[high])
 

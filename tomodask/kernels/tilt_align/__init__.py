@@ -31,7 +31,12 @@ size (about 1/128 of the field of view):
    With gold, such a tilt is searched once more against the reprojection of the balls
    around the beads of that reconstruction (where beads of the two surfaces cross, the
    layers' peaks compete in the other references); a clear peak places it
-   (:func:`~tomodask.kernels.tilt_align.placement._placed_by_beads`).
+   (:func:`~tomodask.kernels.tilt_align.placement._placed_by_beads`). Before that, the two
+   sides of the tilt range are put at one height (:mod:`.sides`): near 0° the layers of a
+   thick specimen merge, and each side's chain may lock onto a different layer further
+   out, which leaves one side off by ``dz sin(theta)`` (tens of pixels) with low
+   residuals; the energies of the two one-sided reconstructions, correlated along z, give
+   ``dz``.
 5. **Global consistency** (:func:`refine_with_features`). Strong 3D features of the
    reconstruction (gold beads, compact particles; streaks of gold rejected) are followed
    through the tilts and fitted, like IMOD ``tiltalign``'s fiducials, with a shift per
