@@ -190,6 +190,18 @@ def test_wide_field_tilts_the_beads_put_elsewhere_between_agreeing_ones_are_repo
     assert all(f"{a:+.0f}" in finding for a in ts.nominal_tilt_angles_deg[wrong])
 
 
+def test_wide_field_gold_series_that_correlates_as_if_unaligned_is_reported():
+    # Seed 12: the alignment is broken (kept tilts up to 20 px off, 8 excluded) and no
+    # per-tilt check names a kept tilt; with gold, the kept tilts correlate with their
+    # leave-one-out reprojections at a median of 0.17 (0.45-0.61 on the 2048 A series
+    # that align): the whole series is reported.
+    ts, res = wide_field_series(12)
+    assert gauge_free_error_px(res, ts, fit=~res.excluded & (np.abs(ts.nominal_tilt_angles_deg) <= 30))[
+        ~res.excluded].max() > 5.0
+    assert np.nanmedian(res.correlation[~res.excluded]) < 0.25
+    assert "with gold, the tilts correlate with the reprojection of the others at only" in res.alignment_warning
+
+
 def test_kept_tilts_far_from_the_feature_model_are_reported():
     # Seed 1 in a 3072 A field (256^2 at 12 A, aligned at 24 A: 4 beads of 2-4 px): the
     # alignment fails (+33..+60 degrees kept 31-49 px off) and the beads cannot re-place

@@ -14,6 +14,7 @@ from tomodask.kernels.tilt_align.failures import (
     _replacement_rounds,
     _residual_warning,
     _residuals_and_failures,
+    _weak_gold_series_warning,
 )
 from tomodask.kernels.tilt_align.placement import (
     _centre_specimen,
@@ -65,6 +66,7 @@ def align_tilt_series(
     max_residual_px: float = 1.0,
     min_check_correlation: float = 0.15,
     checked_tilt_deg: float = 30.0,
+    min_gold_check_correlation: float = 0.25,
 ) -> TiltSeriesAlignment:
     """Align a tilt-series without fiducials (see the module docstring for the steps).
 
@@ -185,6 +187,10 @@ def align_tilt_series(
         aligned at 7.5 Å, 1000 Å of ice, correlates at 0.09-0.11, its axis ends 0.1-1.5°
         off and 6 of 12 seeds keep tilts 3-12 px off, mostly beyond 30°; 41-tilt series
         without gold at 12 Å correlate at 0.21-0.23, with gold at 0.39-0.55).
+    min_gold_check_correlation
+        With gold, a median leave-one-out correlation of the kept tilts below this is
+        reported in ``alignment_warning`` as a likely broken alignment (simulated gold
+        series that align: 0.37-0.61; broken ones seen at 0.12-0.17).
 
     Returns
     -------
@@ -223,6 +229,8 @@ def align_tilt_series(
                                        n_rounds=n_replacement_rounds)
         _final_axis(s, refine_tilt_axis=refine_tilt_axis, recovered=recovered, replaced=replaced)
         _low_signal_warning(s, min_correlation=min_check_correlation, central_deg=checked_tilt_deg)
+    else:
+        _weak_gold_series_warning(s, min_correlation=min_gold_check_correlation)
     _residual_warning(s, max_residual_px=max_residual_px)
     return _assembled(s, pixel_size_angstrom=pixel_size_angstrom, tilt_axis_angle_deg=tilt_axis_angle_deg,
                       max_centring_uncertainty_angstrom=max_centring_uncertainty_angstrom)
