@@ -20,6 +20,13 @@ from tomodask.kernels.fourier import frequency_grid
 from tomodask.kernels.tilt_align.correlate import _bandpass, _peaks, _taper
 
 
+def _block_mean_2x(volume_zyx):
+    """float32 means of 2 x 2 x 2 blocks (an odd last row, column or slice is dropped)."""
+    xp = get_array_module(volume_zyx)
+    mz, my, mx = (n // 2 for n in volume_zyx.shape)
+    return volume_zyx[:2 * mz, :2 * my, :2 * mx].astype(xp.float32).reshape(mz, 2, my, 2, mx, 2).mean(axis=(1, 3, 5))
+
+
 def _volume_features(volume_zyx, *, n_max: int = 40, separation_px: int = 5,
                      border_fraction: tuple[float, float] = (0.1, 0.1), streak_px: float = 2.0,
                      streak_ratio: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
@@ -35,8 +42,8 @@ def _volume_features(volume_zyx, *, n_max: int = 40, separation_px: int = 5,
     nz, ny, nx = volume_zyx.shape
     # Energy on a 2x coarser grid (block means): eight times less work, ample to place
     # the windows that measure the features.
-    mz, my, mx = nz // 2, ny // 2, nx // 2
-    v = volume_zyx[:2 * mz, :2 * my, :2 * mx].astype(xp.float32).reshape(mz, 2, my, 2, mx, 2).mean(axis=(1, 3, 5))
+    v = _block_mean_2x(volume_zyx)
+    mz, my, mx = v.shape
     energy = ndi.gaussian_filter(v * v, 0.75)
     half = max(int(round(separation_px / 2)), 1)
     peaks = energy == ndi.maximum_filter(energy, size=2 * half + 1)

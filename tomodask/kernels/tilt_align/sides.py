@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from tomodask.backend import get_array_module, scipy_ndimage, to_numpy
+from tomodask.kernels.tilt_align.features import _block_mean_2x
 from tomodask.kernels.tilt_align.reprojection import _wbp
 from tomodask.kernels.tilt_align.state import _height_term, _State
 
@@ -33,9 +34,7 @@ def _energy(volume_zyx, *, border_fraction: float = 0.1):
     xp = get_array_module(volume_zyx)
     nz, ny, nx = volume_zyx.shape
     by, bx = int(ny * border_fraction), int(nx * border_fraction)
-    v = volume_zyx[:, by:ny - by, bx:nx - bx].astype(xp.float32)
-    mz, my, mx = v.shape[0] // 2, v.shape[1] // 2, v.shape[2] // 2
-    v = v[:2 * mz, :2 * my, :2 * mx].reshape(mz, 2, my, 2, mx, 2).mean(axis=(1, 3, 5))
+    v = _block_mean_2x(volume_zyx[:, by:ny - by, bx:nx - bx])
     e = scipy_ndimage(xp).gaussian_filter(v * v, 0.5)
     return e - e.mean(axis=0, keepdims=True)
 
@@ -55,9 +54,9 @@ def side_height_offset_px(s: _State, lower: np.ndarray, upper: np.ndarray) -> tu
     offset_px, peak, at_zero
         Height offset (alignment pixels; ±1 px, the energy is on a 2x coarser grid) at
         which the z-correlation of the two one-sided reconstructions' energies (in the
-        centring slab) peaks, searched within the 3D-feature model's slab (1.5 times the
-        specimen's thickness); NaN when the highest value is at the edge of that search
-        (no peak). Then the correlation there and at zero offset.
+        centring slab) peaks, searched up to the thickness of the 3D-feature model's slab
+        (1.5 times the specimen's) either way; NaN when the highest value is at the edge of
+        that search (no peak). Then the correlation there and at zero offset.
     """
     xp = get_array_module(s.binned)
     energies = [_energy(_wbp(s.matcher.aligned(idx, s.shifts_b, s.axis), s.angles[idx], thickness_px=s.thick_nz))
