@@ -52,7 +52,13 @@ size (about 1/128 of the field of view):
    that layer, off by tens of pixels but consistent with its neighbours. Such tilts are
    moved to where the beads put them, the tilts beyond take the move extrapolated in
    ``sin(theta)``, and the passes run again; a tilt still far off after the last round
-   is excluded as ``"alignment failed (...)"``.
+   is excluded as ``"alignment failed (...)"``. A single wrong link (the true place beyond
+   the link's and the beads' search, or their peaks not clear) leaves one tilt or a few
+   tens of pixels off between right neighbours; with gold such a tilt correlates with its
+   leave-one-out reprojection far below its neighbours, and is searched again in the
+   reprojection of the others (:mod:`.weak_tilts`): moved where it correlates much better
+   when its neighbours' correlations rise too, in rounds until none moves; tilts still
+   moving after the last round are reported (the alignment is broken elsewhere).
 6. **Specimen geometry** (:func:`specimen_geometry`, :mod:`.specimen`). A thick
    reconstruction gives the specimen's mid-plane: halfway between gold beads on both
    surfaces (their heights from the parallax between opposite tilts); with beads on one

@@ -5,6 +5,8 @@ re-placement) and the rotation centre put on the specimen.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from tomodask.kernels.projector import project_volume
@@ -96,19 +98,12 @@ def _second_chance(s: _State, *, min_relative_correlation: float, min_bead_ratio
     if len(retry) == 0:
         return
     good = np.flatnonzero(s.ok)
-    reproj = project_volume(s.matcher.volume(good, s.shifts_b, s.axis, s.angles), s.angles[retry],
-                            n_detector_px=s.matcher.shape[1])
-    rotated = s.matcher.rotated(retry, s.axis)
-    rot = _rot_xy(s.axis)
-    centres = (_between_neighbours(s.shifts_b, retry, good)[:, ::-1] @ rot)[:, ::-1]
+    placed, c, r = _searched_in_reprojection(s, retry, good)
     ncc_fit = np.full(len(s.use), np.nan)
     ncc_fit[good] = s.matcher.measure(good, s.shifts_b, s.axis, s.angles)[1]
-    corr = s.matcher.corr
-    d, c, r = corr.match(corr.prepare(rotated), corr.prepare(reproj), centres_yx=centres,
-                         radii_px=s.search_radius_px()[retry])
     for k, (i, typical) in enumerate(zip(retry, _neighbour_median(ncc_fit, s.angles, retry, among=good))):
         if r[k] >= s.min_peak_ratio and c[k] >= min_relative_correlation * typical:
-            s.shifts_b[i], s.ok[i] = (rot @ d[k][::-1])[::-1], True
+            s.shifts_b[i], s.ok[i] = placed[k], True
         else:
             s.failed[int(i)] = (f"{ALIGNMENT_FAILED} (correlation {c[k]:.2f} with the reprojection of the "
                                 f"others, typical {typical:.2f}, peak ratio {r[k]:.2f})")
@@ -116,6 +111,29 @@ def _second_chance(s: _State, *, min_relative_correlation: float, min_bead_ratio
     unplaced = retry[np.isin(retry, list(s.failed))]
     if s.geometry.method.startswith("gold") and len(unplaced):
         _placed_by_beads(s, unplaced, min_ratio=min_bead_ratio, min_relative_correlation=min_relative_correlation)
+
+
+def _searched_in_reprojection(s: _State, tilts: np.ndarray, reference: np.ndarray):
+    """Each of ``tilts`` searched in the reprojection, at its angle, of the tilts ``reference``.
+
+    The reprojection of the weighted back-projection of ``reference`` (with their current
+    shifts; it holds a thick specimen's parallax) is searched around the mean shift of
+    each tilt's nearest ``reference`` tilts on either side, as widely as the chain's links.
+
+    Returns
+    -------
+    shifts_b, correlation, peak_ratio
+        ``(n, 2)`` displacements ``(dy, dx)`` at the peaks, ``(n,)`` normalised correlations
+        there and ``(n,)`` peak ratios.
+    """
+    reproj = project_volume(s.matcher.volume(reference, s.shifts_b, s.axis, s.angles), s.angles[tilts],
+                            n_detector_px=s.matcher.shape[1])
+    rot = _rot_xy(s.axis)
+    centres = (_between_neighbours(s.shifts_b, tilts, reference)[:, ::-1] @ rot)[:, ::-1]
+    corr = s.matcher.corr
+    d, c, r = corr.match(corr.prepare(s.matcher.rotated(tilts, s.axis)), corr.prepare(reproj), centres_yx=centres,
+                         radii_px=s.search_radius_px()[tilts])
+    return (d[:, ::-1] @ rot.T)[:, ::-1], c, r
 
 
 def _either_side(good: np.ndarray, i: int) -> np.ndarray:
@@ -191,7 +209,7 @@ def _consistency_passes(s: _State, *, n_iterations: int, fit_axis: bool) -> None
 
 
 def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: int, max_offset_px: float,
-                   min_ratio: float) -> None:
+                   min_ratio: float, search_weak_tilts: Callable[[_State], bool] | None = None) -> None:
     """Step 5: the consistency passes and, with gold, the re-placement of tilts by the beads.
 
     With gold (found by the neighbour pass's centring), the beads of the reconstruction
@@ -203,7 +221,9 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
     Kept tilts the beads still put clearly elsewhere (these, or ones between tilts they
     place where they are) are named in ``s.alignment_warning``; a tilt the second chance
     placed by the reprojection of the others fails when the beads' best peak is elsewhere
-    (:func:`_contradicted_by_beads`).
+    (:func:`_contradicted_by_beads`). Then, with gold, ``search_weak_tilts(s)``
+    (:func:`~tomodask.kernels.tilt_align.weak_tilts._weak_tilts_searched_again`) may move
+    tilts; when it does, the passes run once more and the beads' findings are made again.
     """
     gold_layers = s.geometry.method.startswith("gold")
     n_rounds = int(n_rounds) if gold_layers else 0
@@ -214,12 +234,7 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
         _consistency_passes(s, n_iterations=n_iterations, fit_axis=fit_axis)
         if not gold_layers:
             break
-        idx = np.flatnonzero(s.ok)
-        placement, _, ratio = _bead_placements(s, idx, s.shifts_b)
-        far = np.hypot(*(placement - s.shifts_b[idx]).T)
-        agree = far <= max_offset_px
-        clear = ~agree & (ratio >= min_ratio)
-        off = _outer_runs(clear, agree, s.nominal[idx])
+        idx, placement, far, agree, clear, off = _judged_by_beads(s, max_offset_px=max_offset_px, min_ratio=min_ratio)
         left = idx[clear & ~off]
         # The beads judge only when the reconstruction holds them where the tilts near 0°
         # and most others have them; else (alignment broken elsewhere) they are not used,
@@ -246,9 +261,32 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
             s.ok[idx[k]] = False
     if trusted:
         left = _contradicted_by_beads(s, idx, far, max_offset_px=max_offset_px, left=left)
+    if gold_layers and search_weak_tilts is not None and search_weak_tilts(s):
+        _consistency_passes(s, n_iterations=n_iterations, fit_axis=fit_axis)
+        if trusted:
+            idx, _, _, _, clear, off = _judged_by_beads(s, max_offset_px=max_offset_px, min_ratio=min_ratio)
+            left = idx[clear & ~off]
     if len(left):
         _warn(s, left, "the gold beads of the reconstruction put the tilts at {tilts} degrees more than "
                        f"{max_offset_px * s.px_b:.0f} Å from their shifts ({why})")
+
+
+def _judged_by_beads(s: _State, *, max_offset_px: float, min_ratio: float):
+    """Where the beads put the aligned tilts, and which they put clearly elsewhere.
+
+    Returns
+    -------
+    idx, placement, far, agree, clear, off
+        The aligned tilts; ``(n, 2)`` bead placements; their distances from the shifts;
+        ``(n,)`` bool: within ``max_offset_px``; clearly elsewhere (peak ratio at least
+        ``min_ratio``); clearly elsewhere in an outer run of their side (:func:`_outer_runs`).
+    """
+    idx = np.flatnonzero(s.ok)
+    placement, _, ratio = _bead_placements(s, idx, s.shifts_b)
+    far = np.hypot(*(placement - s.shifts_b[idx]).T)
+    agree = far <= max_offset_px
+    clear = ~agree & (ratio >= min_ratio)
+    return idx, placement, far, agree, clear, _outer_runs(clear, agree, s.nominal[idx])
 
 
 def _contradicted_by_beads(s: _State, idx: np.ndarray, far: np.ndarray, *, max_offset_px: float,
