@@ -186,7 +186,7 @@ def align_tilt_series(
         With gold, after the bead re-placement rounds of the global passes (before the
         beads' findings are reported): a kept tilt whose leave-one-out correlation is
         below ``max_weak_relative_correlation`` times the median of the 4 aligned tilts
-        nearest in angle (and which is not beyond a gap of more than 1.5 steps) is searched
+        nearest in angle (and which is not beside a gap of more than 1.5 steps) is searched
         in the reprojection of the others, as widely as the chain's links, and moved there
         when its correlation rises at least ``min_weak_correlation_gain`` times and its 4
         nearest tilts' correlations by at least ``min_neighbour_correlation_gain`` on
@@ -195,8 +195,9 @@ def align_tilt_series(
         and the beads judge again.
         Tilts still moved in the last round are named in ``alignment_warning``. Measured on
         held-out simulated gold series: wrong tilts 0.01-0.12 (their neighbours 0.3-0.5)
-        rise to 0.18-0.43 with their neighbours' by 0.017-0.036; moves that fit only the one
-        tilt better change the neighbours' by -0.015 to +0.002.
+        rise to 0.18-0.43 with their neighbours' by 0.006-0.036; moves that fit only the one
+        tilt better change the neighbours' by -0.015 to +0.002 (and by +0.006 beside a gap,
+        where no tilt is searched).
     max_residual_px
         Kept tilts whose residual (``residual_px``) exceeds this many alignment pixels
         are named in ``alignment_warning`` (kept: no check could say they are wrong).

@@ -264,8 +264,11 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
     if gold_layers and search_weak_tilts is not None and search_weak_tilts(s):
         _consistency_passes(s, n_iterations=n_iterations, fit_axis=fit_axis)
         if trusted:
+            # No bead rounds follow: an outer run the beads now put elsewhere is named too.
             idx, _, _, _, clear, off = _judged_by_beads(s, max_offset_px=max_offset_px, min_ratio=min_ratio)
-            left = idx[clear & ~off]
+            left = idx[clear]
+            if off.any():
+                why = "after the weak tilts were searched again"
     if len(left):
         _warn(s, left, "the gold beads of the reconstruction put the tilts at {tilts} degrees more than "
                        f"{max_offset_px * s.px_b:.0f} Å from their shifts ({why})")
