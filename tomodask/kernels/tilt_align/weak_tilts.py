@@ -32,7 +32,7 @@ def _weak_tilts_searched_again(s: _State, *, max_relative_correlation: float, mi
     Parameters
     ----------
     s
-        The alignment's state after the global passes (aligned tilts ``s.ok``).
+        The alignment's state after the beads' rounds of the global passes (aligned tilts ``s.ok``).
     max_relative_correlation
         A tilt whose leave-one-out correlation is below this fraction of the median of the
         4 aligned tilts nearest in angle is searched again, unless it lies beside a gap (an
