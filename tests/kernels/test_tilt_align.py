@@ -225,9 +225,9 @@ def test_weak_tilts_still_moving_after_the_last_round_are_reported():
 
 
 def test_wide_field_gold_series_that_correlates_as_if_unaligned_is_reported():
-    # Seed 12: the alignment is broken (kept tilts up to 20 px off, 8 excluded) and no
+    # Seed 12: the alignment is broken (kept tilts up to 23 px off, 8 excluded) and no
     # per-tilt check names a kept tilt; with gold, the kept tilts correlate with their
-    # leave-one-out reprojections at a median of 0.17 (0.45-0.61 on the 2048 A series
+    # leave-one-out reprojections at a median of 0.21 (0.45-0.61 on the 2048 A series
     # that align): the whole series is reported.
     ts, res = wide_field_series(12)
     assert gauge_free_error_px(res, ts, fit=~res.excluded & (np.abs(ts.nominal_tilt_angles_deg) <= 30))[

@@ -22,10 +22,15 @@ def _neighbour_median(values: np.ndarray, angles: np.ndarray, idx: np.ndarray, k
     among = idx if among is None else among
     out = np.empty(len(idx))
     for n, i in enumerate(idx):
-        others = among[among != i]
-        near = others[np.argsort(np.abs(angles[others] - angles[i]))[:k]]
+        near = _nearest_in_angle(angles, among, int(i), k)
         out[n] = np.median(values[near]) if len(near) else values[i]
     return out
+
+
+def _nearest_in_angle(angles: np.ndarray, among: np.ndarray, i: int, k: int = 4) -> np.ndarray:
+    """The ``k`` tilts of ``among`` (tilt indices) nearest tilt ``i`` in angle, ``i`` excluded."""
+    others = among[among != i]
+    return others[np.argsort(np.abs(angles[others] - angles[i]))[:k]]
 
 
 def _weak_links(binned_tyx, angles: np.ndarray, nominal: np.ndarray, idx: np.ndarray, shifts: np.ndarray,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tomodask.kernels.tilt_align.checks import _neighbour_median
+from tomodask.kernels.tilt_align.checks import _nearest_in_angle, _neighbour_median
 from tomodask.kernels.tilt_align.placement import _searched_in_reprojection
 from tomodask.kernels.tilt_align.state import _State, _warn
 
@@ -107,5 +107,5 @@ def _neighbour_gain(s: _State, idx: np.ndarray, c: np.ndarray, i: int, shift_b: 
     one = s.shifts_b.copy()
     one[i] = shift_b
     _, c_one, _ = s.matcher.measure(idx, one, s.axis, s.angles)
-    near = np.argsort(np.abs(s.angles[idx] - s.angles[i]))[1:5]
+    near = np.searchsorted(idx, _nearest_in_angle(s.angles, idx, i))
     return float((c_one[near] - c[near]).mean())
