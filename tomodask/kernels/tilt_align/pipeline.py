@@ -10,6 +10,7 @@ from functools import partial
 import numpy as np
 
 from tomodask.kernels.tilt_align.failures import (
+    _far_below_centre_warning,
     _final_axis,
     _links_and_recovery,
     _low_signal_warning,
@@ -74,6 +75,7 @@ def align_tilt_series(
     min_check_correlation: float = 0.15,
     checked_tilt_deg: float = 30.0,
     min_gold_check_correlation: float = 0.25,
+    min_central_relative_correlation: float = 0.2,
 ) -> TiltSeriesAlignment:
     """Align a tilt-series without fiducials (see the module docstring for the steps).
 
@@ -212,8 +214,13 @@ def align_tilt_series(
     min_gold_check_correlation
         With gold, a median leave-one-out correlation of the kept tilts below this is
         reported in ``alignment_warning`` as a likely broken alignment (simulated gold
-        series that align: 0.37-0.61, but for a 4096 Å field at 32 Å, seed 1, at 0.12,
-        where the warning is a false alarm; broken ones seen at 0.17-0.21).
+        series that align: 0.28-0.62, the lowest a 3072 Å field at 24 Å whose slab was
+        not found; broken ones seen at 0.17-0.21).
+    min_central_relative_correlation
+        When at least 3 kept tilts correlate with their leave-one-out reprojections below
+        this fraction of the median of the kept tilts within 15° of 0°, ``alignment_warning``
+        names them (held-out simulated series: at most one right tilt below 0.2 in a
+        series; broken ones had 3-13 wrong tilts below it, one with no other finding).
 
     Returns
     -------
@@ -257,6 +264,8 @@ def align_tilt_series(
         _low_signal_warning(s, min_correlation=min_check_correlation, central_deg=checked_tilt_deg)
     else:
         _weak_gold_series_warning(s, min_correlation=min_gold_check_correlation)
+    _far_below_centre_warning(s, min_relative_correlation=min_central_relative_correlation, min_tilts=3,
+                              central_deg=15.0)
     _residual_warning(s, max_residual_px=max_residual_px)
     return _assembled(s, pixel_size_angstrom=pixel_size_angstrom, tilt_axis_angle_deg=tilt_axis_angle_deg,
                       max_centring_uncertainty_angstrom=max_centring_uncertainty_angstrom)

@@ -32,6 +32,10 @@ class SpecimenGeometry:
         Standard error of ``z_center_px`` for ``"structure"`` (the scatter of the
         features' heights over the square root of their number); 0 with gold (a fraction
         of a voxel, not estimated); infinite when not found.
+    other_side_z_px
+        With gold on one surface, the mid-plane had the specimen lain on the other side
+        of the bead layer (the side is the one with more structure, which at coarse
+        pixel sizes may be noise); NaN otherwise.
     """
 
     z_center_px: float
@@ -39,6 +43,7 @@ class SpecimenGeometry:
     thickness_px: float
     method: str
     z_uncertainty_px: float = 0.0
+    other_side_z_px: float = float("nan")
 
 
 def _bead_radius_px(image_yx, tilt_angle_deg: float, positions_zyx: np.ndarray) -> float:
@@ -200,7 +205,8 @@ def specimen_geometry(
         A local maximum of the structure energy this many times the median of the 60
         strongest is a bead (gold).
     min_layer_gap_px
-        Beads whose heights differ by more than this lie on different surfaces.
+        Beads whose heights differ by more than this lie on different surfaces (unless,
+        with ``thickness_px``, the two layers would enclose less than half of it).
     min_slab_contrast
         Without gold, the structure energy within the slab must be this many times that
         outside it, with at least five features, else the slab is ``"not found"``.
@@ -237,13 +243,20 @@ def specimen_geometry(
         z_beads = beads[:, 0] - (0.0 if slope_deg is None else beads[:, 2] * np.tan(np.deg2rad(slope_deg)))
         heights, slope = _fit_layers(z_beads, beads[:, 2], labels, slope=estimate_slope and slope_deg is None,
                                      min_spread_px=0.2 * nx)
+        known_thickness = thickness_px is not None and np.isfinite(thickness_px)
+        if len(heights) == 2 and known_thickness and heights[1] - heights[0] + 2 * radius < 0.5 * thickness_px:
+            # Two "layers" far closer than the ice is thick: one surface, a bead or two
+            # off its height (a 256 x 360 field: 4 beads at 47-59 voxels in ice of 125).
+            labels[:] = 0
+            heights, slope = _fit_layers(z_beads, beads[:, 2], labels, slope=estimate_slope and slope_deg is None,
+                                         min_spread_px=0.2 * nx)
         if slope_deg is None:
             slope_deg = float(np.clip(np.rad2deg(np.arctan(slope)), -max_slope_deg, max_slope_deg))
         if len(heights) == 2:
             return SpecimenGeometry(z_center_px=float(heights.mean()), slope_deg=slope_deg,
                                     thickness_px=float(heights[1] - heights[0] + 2 * radius),
                                     method="gold on both surfaces")
-        if thickness_px is not None and np.isfinite(thickness_px) and thickness_px > 2 * radius > 0:
+        if known_thickness and thickness_px > 2 * radius > 0:
             energy = _structure_energy(volume_zyx, beads, radius)
             profile = _sheared_profile(energy, slope_deg)
             z = np.arange(nz) - (nz - 1) / 2
@@ -253,7 +266,8 @@ def specimen_geometry(
             side = 1.0 if above >= below else -1.0
             return SpecimenGeometry(z_center_px=a + side * (thickness_px / 2 - radius), slope_deg=slope_deg,
                                     thickness_px=float(thickness_px),
-                                    method="gold on one surface, ice thickness from intensity")
+                                    method="gold on one surface, ice thickness from intensity",
+                                    other_side_z_px=a - side * (thickness_px / 2 - radius))
     if energy is None:
         energy = _structure_energy(volume_zyx, beads, radius)
     if slope_deg is not None or not estimate_slope:

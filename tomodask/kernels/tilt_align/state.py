@@ -5,7 +5,7 @@ the coarse chain, the 3D-feature model, centring on the specimen and the gauge.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -202,8 +202,38 @@ def _centre(s: _State, idx: np.ndarray, *, slope: bool, parallax: bool = False) 
     s.geometry = specimen_geometry(volume, thickness_px=s.ice_px, estimate_slope=slope, slope_deg=known,
                                    image_yx=aligned[k0], image_tilt_angle_deg=float(s.angles[idx][k0]),
                                    features=found)
+    if parallax:
+        s.geometry = _side_by_reprojection(s, idx, s.geometry)
     s.z_total_px += s.geometry.z_center_px
     s.shifts_b = s.shifts_b + _height_term(s, s.geometry.z_center_px)
+
+
+_SIDE_CORRELATION_RATIO = 2.0  # the other side of a single bead layer is taken when its reprojections correlate this much better
+
+
+def _side_by_reprojection(s: _State, idx: np.ndarray, geometry: SpecimenGeometry) -> SpecimenGeometry:
+    """With gold on one surface, the side of the bead layer whose slab the tilts ``idx`` agree with.
+
+    The structure that tells the side can be too faint to see (a 4096 Å field at 32 Å:
+    the two sides' energies within 10 %, the wrong one taken, the volume centred 1390 Å
+    off). The slab of the leave-one-out reprojections holds the specimen only on the
+    right side: there the tilts correlate with them far better (median 0.52 against 0.12
+    there). The other side is taken when its median correlation is at least
+    :data:`_SIDE_CORRELATION_RATIO` times this side's. (Measured once the alignment is
+    done: while it is crude, the comparison misleads; where the slab of the
+    reprojections is thick enough to hold much of the specimen either way, the two
+    differ by a few per cent and the structure decides: 0.41 against 0.43 on the tiny
+    preset, where the structure chose right.)
+    """
+    if not np.isfinite(geometry.other_side_z_px):
+        return geometry
+    medians = []
+    for z in (geometry.z_center_px, geometry.other_side_z_px):
+        _, c, _ = s.matcher.measure(idx, s.shifts_b + _height_term(s, z), s.axis, s.angles)
+        medians.append(float(np.median(c)))
+    if medians[1] < _SIDE_CORRELATION_RATIO * medians[0]:
+        return geometry
+    return replace(geometry, z_center_px=geometry.other_side_z_px, other_side_z_px=geometry.z_center_px)
 
 
 def _coarse(s: _State) -> None:
