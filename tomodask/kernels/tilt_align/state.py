@@ -19,6 +19,7 @@ from tomodask.kernels.tilt_exclusion import find_bad_tilts, ice_slab_from_intens
 
 # A prior on each tilt's correction too weak to shrink it: the 3D-feature model's own corrections.
 _UNSHRUNK_PRIOR_PX = 100.0
+_SIDE_CORRELATION_RATIO = 2.0  # a single bead layer's other side is taken when its reprojections correlate this much better
 
 
 @dataclass
@@ -187,8 +188,10 @@ def _centre(s: _State, idx: np.ndarray, *, slope: bool, parallax: bool = False) 
     """Move the rotation centre to the mid-plane (:func:`specimen_geometry`) of the tilts ``idx``.
 
     Correlation follows the strongest layer. ``slope``: the slab's slope is estimated (it
-    is level when the intensity gave the tilt-angle offset); ``parallax``: the features'
-    heights come from the unshrunk 3D-feature model (kept as ``centring_model``).
+    is level when the intensity gave the tilt-angle offset); ``parallax`` (the final
+    centring): the features' heights come from the unshrunk 3D-feature model (kept as
+    ``centring_model``), and a single bead layer's side is checked by the reprojections
+    (:func:`_side_by_reprojection`).
     """
     aligned = s.matcher.aligned(idx, s.shifts_b, s.axis)
     volume = _wbp(aligned, s.angles[idx], thickness_px=s.thick_nz)
@@ -206,9 +209,6 @@ def _centre(s: _State, idx: np.ndarray, *, slope: bool, parallax: bool = False) 
         s.geometry = _side_by_reprojection(s, idx, s.geometry)
     s.z_total_px += s.geometry.z_center_px
     s.shifts_b = s.shifts_b + _height_term(s, s.geometry.z_center_px)
-
-
-_SIDE_CORRELATION_RATIO = 2.0  # the other side of a single bead layer is taken when its reprojections correlate this much better
 
 
 def _side_by_reprojection(s: _State, idx: np.ndarray, geometry: SpecimenGeometry) -> SpecimenGeometry:
