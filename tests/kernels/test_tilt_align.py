@@ -396,6 +396,17 @@ def test_side_of_a_single_bead_layer_chosen_by_the_reprojections():
     assert gauge_free_error_px(res, ts)[~res.excluded].max() < 1.0
 
 
+def test_two_bead_heights_far_closer_than_the_ice_are_one_surface():
+    # Seed 0 on a detector wider along the axis than across it (held out): four beads on
+    # one surface, one of them 10.5 voxels below the other three; taken for two layers
+    # 228 A apart in 1500 A of ice, the volume was centred 625 A off the specimen.
+    ts = simulate_tilt_series(0, shape_yx=(256, 360), pixel_size_angstrom=6.0, tilt_axis_angle_deg=TRUE_AXIS_DEG)
+    res = align_tilt_series(ts.images, ts.nominal_tilt_angles_deg, pixel_size_angstrom=6.0,
+                            tilt_axis_angle_deg=TRUE_AXIS_DEG + 3.0)
+    assert res.centring_method == "gold on one surface, ice thickness from intensity"
+    assert abs(height_error_angstrom(res, ts)) < 100.0
+
+
 @pytest.fixture(scope="module")
 def no_gold():
     # Seed 0 without gold beads: only particles and a vesicle tell where the slab is.
