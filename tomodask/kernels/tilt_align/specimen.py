@@ -241,15 +241,14 @@ def specimen_geometry(
     if len(beads):
         labels = _layers(beads[:, 0], min_gap_px=min_layer_gap_px)
         z_beads = beads[:, 0] - (0.0 if slope_deg is None else beads[:, 2] * np.tan(np.deg2rad(slope_deg)))
-        heights, slope = _fit_layers(z_beads, beads[:, 2], labels, slope=estimate_slope and slope_deg is None,
-                                     min_spread_px=0.2 * nx)
+        fit_options = dict(slope=estimate_slope and slope_deg is None, min_spread_px=0.2 * nx)
+        heights, slope = _fit_layers(z_beads, beads[:, 2], labels, **fit_options)
         known_thickness = thickness_px is not None and np.isfinite(thickness_px)
         if len(heights) == 2 and known_thickness and heights[1] - heights[0] + 2 * radius < 0.5 * thickness_px:
             # Two "layers" far closer than the ice is thick: one surface, a bead or two
             # off its height (a 256 x 360 field: 4 beads at 47-59 voxels in ice of 125).
             labels[:] = 0
-            heights, slope = _fit_layers(z_beads, beads[:, 2], labels, slope=estimate_slope and slope_deg is None,
-                                         min_spread_px=0.2 * nx)
+            heights, slope = _fit_layers(z_beads, beads[:, 2], labels, **fit_options)
         if slope_deg is None:
             slope_deg = float(np.clip(np.rad2deg(np.arctan(slope)), -max_slope_deg, max_slope_deg))
         if len(heights) == 2:
