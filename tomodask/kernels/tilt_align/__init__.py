@@ -22,7 +22,12 @@ size (about 1/128 of the field of view):
    (:func:`refine_with_features`, :mod:`.features`, step 5) measures the residual rotation
    from how strong features of the reconstruction move along the axis with their position
    across it ("local common lines"), iterated with secant steps (the coarse shifts are
-   redone when the axis has moved).
+   redone when the axis has moved). When the common-line score is highest at the edge of
+   its search (it still rises there: the maximum is not bracketed, and on a thick
+   specimen with few beads it can fall towards the true axis), steps 2-7 run again from
+   three starting axes across the search range (the nominal one and half the range either
+   side, the feature model alone refining each), and the alignment whose usable tilts
+   correlate best (median) with their leave-one-out reprojections is kept.
 4. **Neighbour pass and second chance.** Every reliable tilt is correlated once more with
    its two aligned neighbours; a tilt the chain could not place is correlated with the
    reprojection, at its angle, of the weighted back-projection of all aligned tilts

@@ -4,6 +4,8 @@ axis agree (step 3 of :mod:`tomodask.kernels.tilt_align`).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from tomodask.backend import get_array_module
@@ -82,6 +84,26 @@ def common_line_score(
     return _profile_consistency(prof.astype(xp.float32))
 
 
+class AxisSearch(NamedTuple):
+    """What :func:`refine_tilt_axis_angle` found.
+
+    Attributes
+    ----------
+    angle_deg
+        Refined tilt-axis angle.
+    score
+        Its :func:`common_line_score`.
+    bracketed
+        False when the best angle of the coarse grid lay on the grid's edge: the score
+        still rose towards the end of the search, so the maximum was not bracketed and
+        the angle is no better than a guess.
+    """
+
+    angle_deg: float
+    score: float
+    bracketed: bool
+
+
 def refine_tilt_axis_angle(
     images_tyx: np.ndarray,
     *,
@@ -113,9 +135,10 @@ def refine_tilt_axis_angle(
 
     Returns
     -------
-    angle_deg, score
-        Refined angle and its :func:`common_line_score` (the grid's best with a parabola
-        through its neighbours when ``n_refinements`` is 0).
+    AxisSearch
+        Refined angle, its :func:`common_line_score` (the grid's best with a parabola
+        through its neighbours when ``n_refinements`` is 0) and whether the grid's best
+        lay inside the grid.
     """
     def score(a: float) -> float:
         return common_line_score(images_tyx, shifts_px=shifts_px, tilt_axis_angle_deg=a,
@@ -125,12 +148,13 @@ def refine_tilt_axis_angle(
     values = np.array([score(a) for a in grid])
     j = int(np.argmax(values))
     best = float(grid[j])
+    bracketed = 0 < j < len(grid) - 1
     if n_refinements == 0:
         if 0 < j < len(grid) - 1:
             den = values[j - 1] - 2 * values[j] + values[j + 1]
             if den < 0:
                 best += step_deg * 0.5 * float(values[j - 1] - values[j + 1]) / float(den)
-        return best, float(values[j])
+        return AxisSearch(best, float(values[j]), bracketed)
     step = step_deg
     for _ in range(n_refinements):
         step /= 4.0
@@ -142,4 +166,4 @@ def refine_tilt_axis_angle(
             den = fvals[j - 1] - 2 * fvals[j] + fvals[j + 1]
             if den < 0:
                 best = float(fine[j] + step * 0.5 * (fvals[j - 1] - fvals[j + 1]) / den)
-    return best, score(best)
+    return AxisSearch(best, score(best), bracketed)

@@ -29,7 +29,7 @@ from tomodask.kernels.tilt_align.placement import (
 from tomodask.kernels.tilt_align.result import TiltSeriesAlignment
 from tomodask.kernels.tilt_align.sides import _sides_at_one_height
 from tomodask.kernels.tilt_align.specimen import _centring_warning
-from tomodask.kernels.tilt_align.state import _centre, _prepared, _State
+from tomodask.kernels.tilt_align.state import _centre, _prepared, _self_agreement, _State
 from tomodask.kernels.tilt_align.weak_tilts import _weak_tilts_searched_again
 
 
@@ -102,6 +102,13 @@ def align_tilt_series(
     refine_tilt_axis
         Refine the tilt-axis angle (common lines over ``tilt_axis_search_deg`` either
         side of the nominal one, then :func:`~tomodask.kernels.tilt_align.refine_with_features`); else keep it.
+        When the common lines' best angle lies on the edge of their search, the whole
+        alignment is made again from the nominal axis and from half the search either
+        side of it (without common lines), and of the four the one whose usable tilts
+        correlate best with their leave-one-out reprojections is kept (on 88 held-out
+        simulated series it ran on 4: two kept tilts 3.7 and 37.7 px off, the latter
+        silently, and one 0.9 px off came out within 1.5 px, the axis within 0.26°; the
+        fourth stays broken and reported).
     n_projection_matching_iterations
         Most rounds of the global 3D-feature consistency step (fewer when its corrections
         are below 0.1 px; one usually suffices; 0: neighbour correlations only).
@@ -231,42 +238,54 @@ def align_tilt_series(
     ValueError
         With fewer than three usable tilts, or mismatched per-tilt arrays.
     """
-    s = _prepared(images_tyx, tilt_angles_deg, pixel_size_angstrom=pixel_size_angstrom,
-                  tilt_axis_angle_deg=tilt_axis_angle_deg, alignment_pixel_size_angstrom=alignment_pixel_size_angstrom,
-                  specimen_thickness_angstrom=specimen_thickness_angstrom, motion_px=motion_px,
-                  ctf_fit_resolution_angstrom=ctf_fit_resolution_angstrom, user_excluded=user_excluded,
-                  estimate_tilt_angle_offset=estimate_tilt_angle_offset, lowpass_angstrom=lowpass_angstrom,
-                  highpass_angstrom=highpass_angstrom, ice_mean_free_path_angstrom=ice_mean_free_path_angstrom,
-                  max_shift_fraction=max_shift_fraction, min_peak_ratio=min_peak_ratio)
-    _coarse_shifts_and_axis(s, refine_tilt_axis=refine_tilt_axis, tilt_axis_search_deg=tilt_axis_search_deg)
-    _neighbour_pass(s)
-    if _sides_at_one_height(s, np.flatnonzero(s.ok), min_offset_px=min_side_height_offset_px,
-                            max_zero_fraction=max_side_zero_fraction):
-        _centre(s, np.flatnonzero(s.ok), slope=False)
-    _second_chance(s, min_relative_correlation=min_relative_correlation,
-                   min_bead_ratio=min_feature_placement_peak_ratio)
+    prepared = partial(_prepared, images_tyx, tilt_angles_deg, pixel_size_angstrom=pixel_size_angstrom,
+                       alignment_pixel_size_angstrom=alignment_pixel_size_angstrom,
+                       specimen_thickness_angstrom=specimen_thickness_angstrom, motion_px=motion_px,
+                       ctf_fit_resolution_angstrom=ctf_fit_resolution_angstrom, user_excluded=user_excluded,
+                       estimate_tilt_angle_offset=estimate_tilt_angle_offset, lowpass_angstrom=lowpass_angstrom,
+                       highpass_angstrom=highpass_angstrom, ice_mean_free_path_angstrom=ice_mean_free_path_angstrom,
+                       max_shift_fraction=max_shift_fraction, min_peak_ratio=min_peak_ratio)
     search_weak_tilts = partial(_weak_tilts_searched_again, max_relative_correlation=max_weak_relative_correlation,
                                 min_gain=min_weak_correlation_gain, min_neighbour_gain=min_neighbour_correlation_gain,
                                 n_rounds=n_weak_search_rounds)
-    _global_passes(s, n_iterations=n_projection_matching_iterations, fit_axis=refine_tilt_axis,
-                   n_rounds=n_feature_placement_rounds, max_offset_px=max_feature_placement_offset_px,
-                   min_ratio=min_feature_placement_peak_ratio, search_weak_tilts=search_weak_tilts)
-    _centre_specimen(s, center_specimen=center_specimen, estimate_tilt_angle_offset=estimate_tilt_angle_offset)
-    _residuals_and_failures(s, min_relative_correlation=min_relative_correlation)
-    if s.geometry is None or not s.geometry.method.startswith("gold"):
-        recovered = _links_and_recovery(s, min_link_peak_ratio=min_link_peak_ratio,
-                                        min_link_relative_correlation=min_link_relative_correlation,
-                                        recovery_tolerance_angstrom=recovery_tolerance_angstrom,
-                                        min_recovery_peak_ratio=min_recovery_peak_ratio)
-        replaced = _replacement_rounds(s, max_correction_angstrom=max_feature_correction_angstrom,
-                                       n_rounds=n_replacement_rounds)
-        _final_axis(s, refine_tilt_axis=refine_tilt_axis, recovered=recovered, replaced=replaced)
-        _low_signal_warning(s, min_correlation=min_check_correlation, central_deg=checked_tilt_deg)
-    else:
-        _weak_gold_series_warning(s, min_correlation=min_gold_check_correlation)
-    _far_below_centre_warning(s, min_relative_correlation=min_central_relative_correlation, min_tilts=3,
-                              central_deg=15.0)
-    _residual_warning(s, max_residual_px=max_residual_px)
+
+    def aligned_from(start_deg: float, search_deg: float) -> _State:
+        """Steps 1-7, the axis starting at ``start_deg``."""
+        s = prepared(tilt_axis_angle_deg=start_deg)
+        _coarse_shifts_and_axis(s, refine_tilt_axis=refine_tilt_axis, tilt_axis_search_deg=search_deg)
+        _neighbour_pass(s)
+        if _sides_at_one_height(s, np.flatnonzero(s.ok), min_offset_px=min_side_height_offset_px,
+                                max_zero_fraction=max_side_zero_fraction):
+            _centre(s, np.flatnonzero(s.ok), slope=False)
+        _second_chance(s, min_relative_correlation=min_relative_correlation,
+                       min_bead_ratio=min_feature_placement_peak_ratio)
+        _global_passes(s, n_iterations=n_projection_matching_iterations, fit_axis=refine_tilt_axis,
+                       n_rounds=n_feature_placement_rounds, max_offset_px=max_feature_placement_offset_px,
+                       min_ratio=min_feature_placement_peak_ratio, search_weak_tilts=search_weak_tilts)
+        _centre_specimen(s, center_specimen=center_specimen, estimate_tilt_angle_offset=estimate_tilt_angle_offset)
+        _residuals_and_failures(s, min_relative_correlation=min_relative_correlation)
+        if s.geometry is None or not s.geometry.method.startswith("gold"):
+            recovered = _links_and_recovery(s, min_link_peak_ratio=min_link_peak_ratio,
+                                            min_link_relative_correlation=min_link_relative_correlation,
+                                            recovery_tolerance_angstrom=recovery_tolerance_angstrom,
+                                            min_recovery_peak_ratio=min_recovery_peak_ratio)
+            replaced = _replacement_rounds(s, max_correction_angstrom=max_feature_correction_angstrom,
+                                           n_rounds=n_replacement_rounds)
+            _final_axis(s, refine_tilt_axis=refine_tilt_axis, recovered=recovered, replaced=replaced)
+            _low_signal_warning(s, min_correlation=min_check_correlation, central_deg=checked_tilt_deg)
+        else:
+            _weak_gold_series_warning(s, min_correlation=min_gold_check_correlation)
+        _far_below_centre_warning(s, min_relative_correlation=min_central_relative_correlation, min_tilts=3,
+                                  central_deg=15.0)
+        _residual_warning(s, max_residual_px=max_residual_px)
+        return s
+
+    s = aligned_from(tilt_axis_angle_deg, tilt_axis_search_deg)
+    if refine_tilt_axis and not s.axis_bracketed:
+        # The common lines did not bracket their maximum: align again from three starting
+        # axes over the search range and keep what agrees best with itself.
+        starts = tilt_axis_angle_deg + 0.5 * tilt_axis_search_deg * np.array([-1.0, 0.0, 1.0])
+        s = max([s, *(aligned_from(a, 0.0) for a in starts)], key=_self_agreement)
     return _assembled(s, pixel_size_angstrom=pixel_size_angstrom, tilt_axis_angle_deg=tilt_axis_angle_deg,
                       max_centring_uncertainty_angstrom=max_centring_uncertainty_angstrom)
 

@@ -17,8 +17,6 @@ from tomodask.kernels.tilt_align.state import _centre, _coarse, _fix_gauge, _hei
 from tomodask.kernels.tilt_align.warp import _rot_xy
 from tomodask.kernels.tilt_exclusion import ALIGNMENT_FAILED
 
-_MAX_TURNING_ROUNDS = 16  # most rounds of the consistency passes while the axis still turns
-
 
 def _coarse_shifts_and_axis(s: _State, *, refine_tilt_axis: bool, tilt_axis_search_deg: float) -> None:
     """Steps 2 and 3: coarse shifts; the tilt axis by common lines, then by the 3D-feature model."""
@@ -27,8 +25,9 @@ def _coarse_shifts_and_axis(s: _State, *, refine_tilt_axis: bool, tilt_axis_sear
         return
     if tilt_axis_search_deg > 0:
         ok = s.use & s.reliable
-        s.axis, _ = refine_tilt_axis_angle(s.binned[ok], shifts_px=s.shifts_b[ok], tilt_axis_angle_deg=s.axis,
-                                           search_range_deg=tilt_axis_search_deg, step_deg=1.0)
+        found = refine_tilt_axis_angle(s.binned[ok], shifts_px=s.shifts_b[ok], tilt_axis_angle_deg=s.axis,
+                                       search_range_deg=tilt_axis_search_deg, step_deg=1.0)
+        s.axis, s.axis_bracketed = found.angle_deg, found.bracketed
         _coarse(s)
     _axis_by_features(s)
     # Neighbour correlations (next) need the chain's own centre, the strongest layer.
@@ -189,24 +188,16 @@ def _placed_by_beads(s: _State, tilts: np.ndarray, *, min_ratio: float, min_rela
         todo[k[placed]] = False
 
 
-def _consistency_passes(s: _State, *, n_iterations: int, fit_axis: bool, while_turning: bool) -> None:
+def _consistency_passes(s: _State, *, n_iterations: int, fit_axis: bool) -> None:
     """Step 5: rounds of the 3D-feature model on the aligned tilts.
 
     The model corrects what neighbour correlations cannot see (e.g. the chain following
     gold on one side of the series and other structure on the other). With the shifts
     now refined, the axis is measured once more in the same fit; a correction beyond two
     standard errors is taken, at most 1° a round (the chain's shifts, made with the axis
-    still off, bias the first estimates low). With ``while_turning`` (gold), rounds go on
-    after ``n_iterations`` while the axis still turns, up to :data:`_MAX_TURNING_ROUNDS`
-    in all (a 256 x 360 field whose common lines ended 6° off came out of 4 rounds 0.87°
-    off, its last round measuring 1.8° more at 0.01° standard error; on 68 held-out gold
-    series none needed more than 10). Without gold it changed one series of 14, for the
-    worse (a 256² field at 6 Å: 0.75 -> 0.88 px; with the re-placement by the feature
-    model switched off, +54° kept 5 px off).
+    still off, bias the first estimates low).
     """
-    n, turn = 0, 0.0
-    while n < int(n_iterations) or (while_turning and turn != 0.0 and n < _MAX_TURNING_ROUNDS):
-        n += 1
+    for _ in range(int(n_iterations)):
         idx = np.flatnonzero(s.ok)
         fit = _model(s, idx, s.angles, fit_axis=fit_axis)
         if fit.n_features < 3:
@@ -241,7 +232,7 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
     left, why = np.zeros(0, int), "not an outer run of their side, which the beads re-place"
     trusted = gold_layers
     for n_round in range(1 + n_rounds):
-        _consistency_passes(s, n_iterations=n_iterations, fit_axis=fit_axis, while_turning=gold_layers)
+        _consistency_passes(s, n_iterations=n_iterations, fit_axis=fit_axis)
         if not gold_layers:
             break
         idx, placement, far, agree, clear, off = _judged_by_beads(s, max_offset_px=max_offset_px, min_ratio=min_ratio)
@@ -272,7 +263,7 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
     if trusted:
         left = _contradicted_by_beads(s, idx, far, max_offset_px=max_offset_px, left=left)
     if gold_layers and search_weak_tilts is not None and search_weak_tilts(s):
-        _consistency_passes(s, n_iterations=n_iterations, fit_axis=fit_axis, while_turning=gold_layers)
+        _consistency_passes(s, n_iterations=n_iterations, fit_axis=fit_axis)
         if trusted:
             # No bead rounds follow: an outer run the beads now put elsewhere is named too.
             idx, _, _, _, clear, off = _judged_by_beads(s, max_offset_px=max_offset_px, min_ratio=min_ratio)

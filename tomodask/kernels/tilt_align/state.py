@@ -54,8 +54,9 @@ class _State:
         The options of :func:`~tomodask.kernels.tilt_align.align_tilt_series` of that name.
     matcher, coarse_corr
         The leave-one-out matcher and the correlation chain's correlator.
-    axis
-        Current tilt-axis angle (degrees).
+    axis, axis_bracketed
+        Current tilt-axis angle (degrees); False when the common lines' search did not
+        bracket their maximum (step 3).
     shifts_b, reliable, ok
         ``(t, 2)`` current displacements ``(dy, dx)``; ``(t,)`` bool, tilts the chain placed
         reliably; tilts aligned (not failed).
@@ -93,6 +94,7 @@ class _State:
     matcher: _Matcher
     coarse_corr: _Correlator
     axis: float
+    axis_bracketed: bool = True
     shifts_b: np.ndarray | None = None
     reliable: np.ndarray | None = None
     ok: np.ndarray | None = None
@@ -234,6 +236,16 @@ def _side_by_reprojection(s: _State, idx: np.ndarray, geometry: SpecimenGeometry
     if medians[1] < _SIDE_CORRELATION_RATIO * medians[0]:
         return geometry
     return replace(geometry, z_center_px=geometry.other_side_z_px, other_side_z_px=geometry.z_center_px)
+
+
+def _self_agreement(s: _State) -> float:
+    """Median correlation of every usable tilt with its leave-one-out reprojection.
+
+    Taken over all usable tilts (the failed ones at their last shifts), so alignments
+    that keep different tilts are compared on the same tilts.
+    """
+    idx = np.flatnonzero(s.use & np.isfinite(s.shifts_b).all(axis=1))
+    return float(np.median(s.matcher.measure(idx, s.shifts_b, s.axis, s.final_angles)[1]))
 
 
 def _coarse(s: _State) -> None:
