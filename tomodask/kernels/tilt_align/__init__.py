@@ -90,7 +90,8 @@ size (about 1/128 of the field of view):
    (where taking an unbiased estimate starts to help more than it hurts). When the kept
    tilts correlate only weakly with their leave-one-out reprojections, none of these
    checks can see a tilt on the wrong layer, nor the axis off: ``alignment_warning`` says
-   so and names the high tilts. With gold, kept tilts the beads still put elsewhere, and kept
+   so and names the high tilts. With gold, kept tilts the beads still put elsewhere (judged
+   again at the final centre when it took the other side of a single bead layer), and kept
    tilts far from the 3D-feature model, are named there too.
 
 Shifts follow :mod:`tomodask.kernels.geometry`: *displacements* ``(dy, dx)`` of each

@@ -20,6 +20,7 @@ from tomodask.kernels.tilt_align.failures import (
     _weak_gold_series_warning,
 )
 from tomodask.kernels.tilt_align.placement import (
+    _beads_finding,
     _centre_specimen,
     _coarse_shifts_and_axis,
     _global_passes,
@@ -259,10 +260,12 @@ def align_tilt_series(
             _centre(s, np.flatnonzero(s.ok), slope=False)
         _second_chance(s, min_relative_correlation=min_relative_correlation,
                        min_bead_ratio=min_feature_placement_peak_ratio)
-        _global_passes(s, n_iterations=n_projection_matching_iterations, fit_axis=refine_tilt_axis,
-                       n_rounds=n_feature_placement_rounds, max_offset_px=max_feature_placement_offset_px,
-                       min_ratio=min_feature_placement_peak_ratio, search_weak_tilts=search_weak_tilts)
+        left, why = _global_passes(s, n_iterations=n_projection_matching_iterations, fit_axis=refine_tilt_axis,
+                                   n_rounds=n_feature_placement_rounds, max_offset_px=max_feature_placement_offset_px,
+                                   min_ratio=min_feature_placement_peak_ratio, search_weak_tilts=search_weak_tilts)
         _centre_specimen(s, center_specimen=center_specimen, estimate_tilt_angle_offset=estimate_tilt_angle_offset)
+        _beads_finding(s, left, why, max_offset_px=max_feature_placement_offset_px,
+                       min_ratio=min_feature_placement_peak_ratio)
         _residuals_and_failures(s, min_relative_correlation=min_relative_correlation)
         if s.geometry is None or not s.geometry.method.startswith("gold"):
             recovered = _links_and_recovery(s, min_link_peak_ratio=min_link_peak_ratio,

@@ -210,7 +210,8 @@ def _consistency_passes(s: _State, *, n_iterations: int, fit_axis: bool) -> None
 
 
 def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: int, max_offset_px: float,
-                   min_ratio: float, search_weak_tilts: Callable[[_State], bool] | None = None) -> None:
+                   min_ratio: float, search_weak_tilts: Callable[[_State], bool] | None = None
+                   ) -> tuple[np.ndarray, str]:
     """Step 5: the consistency passes and, with gold, the re-placement of tilts by the beads.
 
     With gold (found by the neighbour pass's centring), the beads of the reconstruction
@@ -219,12 +220,18 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
     passes run again, at most ``n_rounds`` times; still off after the last: failed.
     When such tilts lie within 15° of 0° or are more than a quarter of the tilts, the
     beads are not trusted (the alignment is broken elsewhere) and the rounds are undone.
-    Kept tilts the beads still put clearly elsewhere (these, or ones between tilts they
-    place where they are) are named in ``s.alignment_warning``; a tilt the second chance
-    placed by the reprojection of the others fails when the beads' best peak is elsewhere
-    (:func:`_contradicted_by_beads`). Then, with gold, ``search_weak_tilts(s)``
+    A tilt the second chance placed by the reprojection of the others fails when the
+    beads' best peak is elsewhere (:func:`_contradicted_by_beads`). Then, with gold,
+    ``search_weak_tilts(s)``
     (:func:`~tomodask.kernels.tilt_align.weak_tilts._weak_tilts_searched_again`) may move
     tilts; when it does, the passes run once more and the beads' findings are made again.
+
+    Returns
+    -------
+    left, why
+        Kept tilts the beads still put clearly elsewhere (these, or ones between tilts
+        they place where they are) and why they were not re-placed: for
+        :func:`_beads_finding` after the final centring.
     """
     gold_layers = s.geometry.method.startswith("gold")
     n_rounds = int(n_rounds) if gold_layers else 0
@@ -270,6 +277,23 @@ def _global_passes(s: _State, *, n_iterations: int, fit_axis: bool, n_rounds: in
             left = idx[clear]
             if off.any():
                 why = "after the weak tilts were searched again"
+    return left, why
+
+
+def _beads_finding(s: _State, left: np.ndarray, why: str, *, max_offset_px: float, min_ratio: float) -> None:
+    """Name the tilts ``left`` the beads put clearly elsewhere (:func:`_global_passes`).
+
+    The global passes judged them with the slab where an earlier centring put it. When
+    the final centring took the other side of a single bead layer
+    (:func:`~tomodask.kernels.tilt_align.state._side_by_reprojection`), that slab was on
+    the wrong side: the beads judge again at the final centre, and tilts they now put
+    within ``max_offset_px`` of their shifts are not named (a 4096 Å field: -57/-54/-45°,
+    right, put 40-45 px away before and within 3 px after; +57°, 38 px off with the
+    weak-tilt search switched off, still put 38 px away).
+    """
+    if len(left) and s.other_side_taken:
+        idx, _, _, agree, _, _ = _judged_by_beads(s, max_offset_px=max_offset_px, min_ratio=min_ratio)
+        left = left[~np.isin(left, idx[agree])]
     if len(left):
         _warn(s, left, "the gold beads of the reconstruction put the tilts at {tilts} degrees more than "
                        f"{max_offset_px * s.px_b:.0f} Å from their shifts ({why})")

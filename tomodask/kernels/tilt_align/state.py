@@ -62,9 +62,11 @@ class _State:
         reliably; tilts aligned (not failed).
     failed
         ``{tilt: reason}``, tilts excluded as failed.
-    z_total_px, geometry, centring_model
-        Height the centring moved the rotation centre by, the last specimen geometry, and
-        ``(tilts, fit)`` of the 3D-feature model of the final centring (None before).
+    z_total_px, geometry, centring_model, other_side_taken
+        Height the centring moved the rotation centre by, the last specimen geometry,
+        ``(tilts, fit)`` of the 3D-feature model of the final centring (None before), and
+        whether that centring took the other side of a single bead layer than the
+        structure did (:func:`_side_by_reprojection`).
     offset, final_angles
         Tilt-angle offset and ``(t,)`` angles after centring.
     ncc, residual_b
@@ -102,6 +104,7 @@ class _State:
     z_total_px: float = 0.0
     geometry: SpecimenGeometry | None = None
     centring_model: tuple[np.ndarray, FeatureFit] | None = None
+    other_side_taken: bool = False
     offset: float = 0.0
     final_angles: np.ndarray | None = None
     ncc: np.ndarray | None = None
@@ -208,7 +211,9 @@ def _centre(s: _State, idx: np.ndarray, *, slope: bool, parallax: bool = False) 
                                    image_yx=aligned[k0], image_tilt_angle_deg=float(s.angles[idx][k0]),
                                    features=found)
     if parallax:
-        s.geometry = _side_by_reprojection(s, idx, s.geometry)
+        checked = _side_by_reprojection(s, idx, s.geometry)
+        s.other_side_taken = checked.z_center_px != s.geometry.z_center_px
+        s.geometry = checked
     s.z_total_px += s.geometry.z_center_px
     s.shifts_b = s.shifts_b + _height_term(s, s.geometry.z_center_px)
 
