@@ -140,6 +140,11 @@ BLOB_LOG_SIGMAS = ((1.0, 1.0, 1), (0.8, 1.2, 3))
 BLOB_LOG_THRESHOLDS = tuple(np.round(np.geomspace(0.2, 0.8, 13), 3))
 
 
+def picked_coordinates(volume_zyx: np.ndarray, method: str, options: dict) -> np.ndarray:
+    """``(n, 3)`` voxel coordinates tomodask's picker finds in ``volume_zyx`` with ``method``."""
+    return pick_particles(volume_zyx, method=method, **options).coordinates_zyx_px
+
+
 def run_blob_log(case: PickingCase, setting: tuple[float, tuple[float, float, int]]) -> np.ndarray:
     """scikit-image ``blob_log`` on the sign-flipped tomogram; returns ``(n, 3)`` zyx picks."""
     from skimage.feature import blob_log
@@ -190,10 +195,9 @@ def main() -> None:
         common = dict(pixel_size_angstrom=case.pixel_size_angstrom,
                       particle_radius_angstrom=case.particle_radius_angstrom, tilt_range_deg=case.tilt_range_deg)
         for tool, fn in [
-            ("tomodask size", lambda: pick_particles(case.volume_zyx, method="size", **common).coordinates_zyx_px),
-            ("tomodask template", lambda: pick_particles(case.volume_zyx, method="template",
-                                                         **common).coordinates_zyx_px),
-            ("skimage blob_log", lambda: run_blob_log(case, blob_settings[dose][0])),
+            ("tomodask size", functools.partial(picked_coordinates, case.volume_zyx, "size", common)),
+            ("tomodask template", functools.partial(picked_coordinates, case.volume_zyx, "template", common)),
+            ("skimage blob_log", functools.partial(run_blob_log, case, blob_settings[dose][0])),
         ]:
             picks, seconds = timed(fn)
             s = match_picks(picks, case.particles_zyx_px, max_distance=r)
