@@ -119,7 +119,7 @@ References
    Ultramicroscopy 30, 337-348.
 """
 
-from tomodask.kernels.tilt_align.axis import common_line_score, refine_tilt_axis_angle
+from tomodask.kernels.tilt_align.axis import AxisSearch, common_line_score, refine_tilt_axis_angle
 from tomodask.kernels.tilt_align.correlate import coarse_align_shifts
 from tomodask.kernels.tilt_align.features import FeatureFit, refine_with_features
 from tomodask.kernels.tilt_align.pipeline import align_tilt_series
@@ -134,6 +134,7 @@ from tomodask.kernels.tilt_align.warp import FILLS, apply_alignment
 
 __all__ = [
     "FILLS",
+    "AxisSearch",
     "FeatureFit",
     "SpecimenGeometry",
     "TiltSeriesAlignment",
