@@ -150,7 +150,7 @@ def refine_tilt_axis_angle(
     best = float(grid[j])
     bracketed = 0 < j < len(grid) - 1
     if n_refinements == 0:
-        if 0 < j < len(grid) - 1:
+        if bracketed:
             den = values[j - 1] - 2 * values[j] + values[j + 1]
             if den < 0:
                 best += step_deg * 0.5 * float(values[j - 1] - values[j + 1]) / float(den)

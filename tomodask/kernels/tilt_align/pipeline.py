@@ -30,7 +30,7 @@ from tomodask.kernels.tilt_align.placement import (
 from tomodask.kernels.tilt_align.result import TiltSeriesAlignment
 from tomodask.kernels.tilt_align.sides import _sides_at_one_height
 from tomodask.kernels.tilt_align.specimen import _centring_warning
-from tomodask.kernels.tilt_align.state import _centre, _prepared, _self_agreement, _State
+from tomodask.kernels.tilt_align.state import _centre, _prepared, _self_agreement, _started, _State
 from tomodask.kernels.tilt_align.weak_tilts import _weak_tilts_searched_again
 
 
@@ -239,20 +239,21 @@ def align_tilt_series(
     ValueError
         With fewer than three usable tilts, or mismatched per-tilt arrays.
     """
-    prepared = partial(_prepared, images_tyx, tilt_angles_deg, pixel_size_angstrom=pixel_size_angstrom,
-                       alignment_pixel_size_angstrom=alignment_pixel_size_angstrom,
-                       specimen_thickness_angstrom=specimen_thickness_angstrom, motion_px=motion_px,
-                       ctf_fit_resolution_angstrom=ctf_fit_resolution_angstrom, user_excluded=user_excluded,
-                       estimate_tilt_angle_offset=estimate_tilt_angle_offset, lowpass_angstrom=lowpass_angstrom,
-                       highpass_angstrom=highpass_angstrom, ice_mean_free_path_angstrom=ice_mean_free_path_angstrom,
-                       max_shift_fraction=max_shift_fraction, min_peak_ratio=min_peak_ratio)
+    prepared = _prepared(images_tyx, tilt_angles_deg, pixel_size_angstrom=pixel_size_angstrom,
+                         tilt_axis_angle_deg=tilt_axis_angle_deg,
+                         alignment_pixel_size_angstrom=alignment_pixel_size_angstrom,
+                         specimen_thickness_angstrom=specimen_thickness_angstrom, motion_px=motion_px,
+                         ctf_fit_resolution_angstrom=ctf_fit_resolution_angstrom, user_excluded=user_excluded,
+                         estimate_tilt_angle_offset=estimate_tilt_angle_offset, lowpass_angstrom=lowpass_angstrom,
+                         highpass_angstrom=highpass_angstrom, ice_mean_free_path_angstrom=ice_mean_free_path_angstrom,
+                         max_shift_fraction=max_shift_fraction, min_peak_ratio=min_peak_ratio)
     search_weak_tilts = partial(_weak_tilts_searched_again, max_relative_correlation=max_weak_relative_correlation,
                                 min_gain=min_weak_correlation_gain, min_neighbour_gain=min_neighbour_correlation_gain,
                                 n_rounds=n_weak_search_rounds)
 
     def aligned_from(start_deg: float, search_deg: float) -> _State:
-        """Steps 1-7, the axis starting at ``start_deg``."""
-        s = prepared(tilt_axis_angle_deg=start_deg)
+        """Steps 2-7 on a fresh state from step 1's, the axis starting at ``start_deg``."""
+        s = _started(prepared, start_deg)
         _coarse_shifts_and_axis(s, refine_tilt_axis=refine_tilt_axis, tilt_axis_search_deg=search_deg)
         _neighbour_pass(s)
         if _sides_at_one_height(s, np.flatnonzero(s.ok), min_offset_px=min_side_height_offset_px,

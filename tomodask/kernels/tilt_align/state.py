@@ -5,7 +5,7 @@ the coarse chain, the 3D-feature model, centring on the specimen and the gauge.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 import numpy as np
 
@@ -165,6 +165,18 @@ def _prepared(images_tyx, tilt_angles_deg, *, pixel_size_angstrom: float, tilt_a
         coarse_corr=_Correlator((by_, bx_), lowpass_px=lp_px, highpass_px=hp_px, xp=xp,
                                 mask=_taper((by_, bx_), fraction=0.1, xp=xp)),
         axis=float(tilt_axis_angle_deg))
+
+
+def _started(prepared: _State, axis_deg: float) -> _State:
+    """A fresh state for steps 2-7: ``prepared``'s step-1 fields, the axis at ``axis_deg``.
+
+    The binned stack and the other step-1 arrays are shared (no later step changes them);
+    the exclusion reasons are copied (the result fills in the failures); every later
+    field starts at its default.
+    """
+    step_1 = {f.name: getattr(prepared, f.name) for f in fields(_State)
+              if f.default is MISSING and f.default_factory is MISSING}
+    return _State(**{**step_1, "reasons": list(prepared.reasons), "axis": float(axis_deg)})
 
 
 def _model(s: _State, idx: np.ndarray, angles: np.ndarray, *, fit_axis: bool, aligned=None, **options) -> FeatureFit:
